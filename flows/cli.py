@@ -1,0 +1,153 @@
+"""``stepforge``: run the pipeline, query any table with SQL, re-export a run."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console()
+
+
+def _quiet_prefect(verbose: bool) -> None:
+    # Prefect reads its settings at import: set before the flow module is imported.
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+
+
+@app.command()
+def run(
+    config: Optional[Path] = typer.Argument(None, help="Run config YAML; omit for the embedded demo."),
+    store: Optional[Path] = typer.Option(None, help="Store root (overrides the config)."),
+    run_name: Optional[str] = typer.Option(None, "--run", help="Run name (overrides the config)."),
+    model: Optional[str] = typer.Option(None, help="Model name or local .gguf path (overrides the config)."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N source rows."),
+    verbose: bool = typer.Option(False, help="Show Prefect's own logs."),
+) -> None:
+    """Run the synthesize flow: rollouts, Monte Carlo step labels, Step-DPO pairs, TRL datasets."""
+    _quiet_prefect(verbose)
+    from stepforge.flows.config import RunConfig, demo_config
+    from stepforge.flows.progress import RichReporter, set_reporter
+    from stepforge.flows.synthesize import synthesize
+
+    overrides = {"store": store, "run": run_name}
+    cfg = RunConfig.from_yaml(config, **overrides) if config else demo_config(**overrides)
+    updates = {}
+    if model:
+        updates["backend"] = cfg.backend.model_copy(update={"model": model})
+    if limit is not None:
+        updates["ingest"] = cfg.ingest.model_copy(update={"limit": limit})
+    if updates:
+        cfg = RunConfig.model_validate({**cfg.model_dump(), **{k: v.model_dump() for k, v in updates.items()}})
+    console.print(Panel.fit(f"run [bold]{cfg.run}[/] · model {cfg.backend.model} · store {cfg.store.resolve()}"))
+    set_reporter(RichReporter(console))
+    result = synthesize(cfg.model_dump(mode="json"))
+    print_summary(cfg.store, cfg.run, result)
+
+
+def print_summary(store: Path, run_name: str, result: dict) -> None:
+    from stepforge.storage.catalog import Catalog
+
+    with Catalog(store) as catalog:
+        catalog.refresh(run=run_name)
+        q = lambda sql: catalog.query(sql).to_pylist()  # noqa: E731
+        rollouts = q("select count(*) n, avg(outcome::int) acc from rollouts where origin = 'policy'")[0]
+        labels = q("select label, count(*) n from labels group by 1 order by 1 desc")
+        pairs = q("select count(*) n from pairs")[0]["n"]
+        rejects = q("select stage, reason, count(*) n from rejects group by all order by n desc")
+        example = q("select prompt, chosen, rejected, margin from pairs order by pair_id limit 1")
+    table = Table(title=f"run {run_name}", show_header=False)
+    table.add_row("policy rollouts", str(rollouts["n"]))
+    table.add_row("accuracy", f"{rollouts['acc']:.1%}" if rollouts["acc"] is not None else "-")
+    table.add_row("steps labelled", ", ".join(f"{'+1' if r['label'] > 0 else r['label']}: {r['n']}" for r in labels) or "0")
+    table.add_row("Step-DPO pairs", str(pairs))
+    table.add_row("rejects", ", ".join(f"{r['stage']}/{r['reason']}: {r['n']}" for r in rejects) or "none")
+    gen = result.get("generation") or {}
+    if gen:
+        table.add_row(
+            "generation",
+            f"{gen['generated']} generated, {gen['cache_hits']} from cache, {gen['generated_tokens']} tokens, "
+            f"mean in flight {gen['mean_in_flight']}",
+        )
+    for export in result.get("exports", []):
+        table.add_row(f"dataset {export['dataset']}", f"{export['rows']} rows → {export['path']}")
+    console.print(table)
+    if example:
+        pair = example[0]
+        console.print(Panel(pair["prompt"][-600:], title="example pair: prompt (tail)"))
+        console.print(Panel(pair["chosen"], title="chosen", border_style="green"))
+        console.print(Panel(pair["rejected"], title="rejected", border_style="red"))
+
+
+@app.command()
+def query(
+    sql: str = typer.Argument(..., help="Any SQL over the tables problems, rollouts, nodes, evaluations, labels, pairs, rejects, runs, shards."),
+    store: Path = typer.Option(Path("stepforge-data"), help="Store root."),
+    run_name: Optional[str] = typer.Option(None, "--run", help="Restrict the table views to one run."),
+    output: str = typer.Option("table", "--format", help="table, csv or json."),
+    max_rows: int = typer.Option(50, help="Rows shown in table format."),
+) -> None:
+    """Print the result of a SQL query over a store."""
+    import duckdb
+
+    from stepforge.storage.catalog import Catalog
+
+    with Catalog(store) as catalog:
+        catalog.refresh(run=run_name)
+        try:
+            result = catalog.query(sql)
+        except duckdb.Error as exc:
+            console.print(f"[red]query failed:[/] {exc}")
+            raise typer.Exit(1) from exc
+    if output == "json":
+        for row in result.to_pylist():
+            sys.stdout.write(json.dumps(row, default=str) + "\n")
+    elif output == "csv":
+        import pyarrow.csv as pacsv
+
+        pacsv.write_csv(result, sys.stdout.buffer)
+    else:
+        table = Table(*result.column_names)
+        for row in result.slice(0, max_rows).to_pylist():
+            table.add_row(*(str(v) for v in row.values()))
+        console.print(table)
+        if result.num_rows > max_rows:
+            console.print(f"… {result.num_rows - max_rows} more rows (--max-rows, or --format csv)")
+
+
+@app.command()
+def export(
+    store: Path = typer.Option(Path("stepforge-data"), help="Store root."),
+    run_name: str = typer.Option("demo", "--run", help="Run to export."),
+    out: Optional[Path] = typer.Option(None, help="Output directory (default: the run's configured one)."),
+) -> None:
+    """Re-export a run's stored labels and pairs as datasets, without generating anything."""
+    from stepforge.flows.config import RunConfig
+    from stepforge.flows.shards import RunContext, export_run
+    from stepforge.stages.export import ExportConfig
+
+    run_file = Path(store) / "runs" / f"{run_name}.json"
+    if not run_file.exists():
+        console.print(f"[red]no run {run_name!r} in {store}[/]")
+        raise typer.Exit(1)
+    data = json.loads(run_file.read_text())["config"]
+    if out is not None:
+        data["export"] = ExportConfig(**{**(data.get("export") or {}), "out_dir": str(out)}).model_dump()
+    ctx = RunContext(RunConfig.model_validate(data))
+    try:
+        for summary in export_run(ctx):
+            console.print(f"{summary['dataset']}: {summary['rows']} rows → {summary['path']}")
+    finally:
+        ctx.close()
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,62 @@
+"""A run's whole configuration: one pydantic model, loadable from YAML, hashed into cache keys."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from stepforge.stages.consensus import ConsensusConfig
+from stepforge.stages.export import ExportConfig
+from stepforge.stages.ingest import IngestConfig
+from stepforge.stages.llm import BackendConfig
+from stepforge.stages.mc_label import MCLabelConfig
+from stepforge.stages.pairs import PairsConfig
+from stepforge.stages.prompting import PromptConfig
+from stepforge.stages.rollout import RolloutConfig
+from stepforge.stages.split import SplitConfig
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    run: str = Field(default="demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Run name; partitions all outputs.")
+    store: Path = Field(default=Path("stepforge-data"), description="Root directory of shards, catalog, caches and exports.")
+    shard_size: int = Field(default=16, ge=1, description="Problems per shard: the unit of work, resume and caching.")
+    backend: BackendConfig = Field(default_factory=BackendConfig, description="The policy model and its engine.")
+    ingest: IngestConfig = Field(description="Where the problems come from.")
+    prompt: PromptConfig = Field(default_factory=PromptConfig, description="How problems are put to the policy (all stages).")
+    split: SplitConfig = Field(default_factory=SplitConfig, description="How solutions are cut into steps (all stages).")
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Sampling of solutions.")
+    mc_label: MCLabelConfig = Field(default_factory=MCLabelConfig, description="Monte Carlo step labelling.")
+    consensus: ConsensusConfig = Field(default_factory=ConsensusConfig, description="How evaluations become labels.")
+    pairs: PairsConfig = Field(default_factory=PairsConfig, description="Step-DPO pair construction.")
+    export: ExportConfig | None = Field(default=None, description="Dataset export; default <store>/exports/<run>.")
+
+    @model_validator(mode="after")
+    def _share_prompt_and_split(self) -> "RunConfig":
+        """Rollouts, completions and pairs must agree on the prompt and step format, so they are set once."""
+        shared = {"prompt": self.prompt, "split": self.split}
+        object.__setattr__(self, "rollout", self.rollout.model_copy(update=shared))
+        object.__setattr__(self, "mc_label", self.mc_label.model_copy(update=shared))
+        object.__setattr__(self, "pairs", self.pairs.model_copy(update={"split": self.split}))
+        if self.export is None:
+            object.__setattr__(self, "export", ExportConfig(out_dir=str(self.store / "exports" / self.run)))
+        return self
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> "RunConfig":
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.model_validate(data)
+
+
+def demo_config(**overrides) -> RunConfig:
+    """The embedded demo: bundled GSM8K test problems, Qwen2.5-Coder-1.5B on the CPU, local storage."""
+    path = resources.files("stepforge.flows") / "data" / "demo.yaml"
+    data = yaml.safe_load(path.read_text())
+    data["ingest"]["source"] = str(resources.files("stepforge.flows") / "data" / "gsm8k_demo.jsonl")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return RunConfig.model_validate(data)

@@ -1,0 +1,56 @@
+"""Progress reporting that stages can call without knowing who is watching.
+
+The CLI installs a rich reporter; tests and deployments get the silent default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+
+class Reporter:
+    @contextmanager
+    def track(self, description: str, total: int | None) -> Iterator[Callable[[int], None]]:
+        yield lambda advance=1: None
+
+    def log(self, message: str) -> None:
+        pass
+
+
+class RichReporter(Reporter):
+    def __init__(self, console=None):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console = console or Console(stderr=True)
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=self.console, transient=False,
+        )
+
+    @contextmanager
+    def track(self, description: str, total: int | None) -> Iterator[Callable[[int], None]]:
+        task = self.progress.add_task(description, total=total)
+        self.progress.start()
+        try:
+            yield lambda advance=1: self.progress.advance(task, advance)
+        finally:
+            self.progress.update(task, completed=self.progress.tasks[task].total or self.progress.tasks[task].completed)
+            self.progress.stop()
+
+    def log(self, message: str) -> None:
+        self.console.print(message)
+
+
+_current: Reporter = Reporter()
+
+
+def reporter() -> Reporter:
+    return _current
+
+
+def set_reporter(new: Reporter) -> Reporter:
+    global _current
+    previous, _current = _current, new
+    return previous

@@ -1,0 +1,217 @@
+"""One function per stage that runs it over one shard: read inputs, run the stage, write the shard.
+
+These are plain functions (Prefect wraps them in ``synthesize``), so they are testable and
+reusable from any executor. Each is idempotent: a shard whose completion marker exists is
+returned as is. Shard keys are content hashes of the input shard keys, the stage's config,
+the model and the stage version — never of worker counts or run order.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from stepforge.flows.config import RunConfig
+from stepforge.flows.progress import reporter
+from stepforge.schemas.ids import content_hash
+from stepforge.schemas.records import Problem, Record, Reject
+from stepforge.stages import consensus, export, ingest, mc_label, pairs, rollout
+from stepforge.stages.answers import AnswerChecker
+from stepforge.stages.llm import GenerationCache, GenerationClient, load_backend
+from stepforge.stages.llm.models import resolve_model
+from stepforge.storage.shards import ShardManifest, ShardStore, write_json_atomic
+
+STAGE_TABLES = {
+    "ingest": ("problems", "rejects"),
+    "rollout": ("rollouts", "nodes", "rejects"),
+    "mc_label": ("evaluations", "rollouts", "nodes", "rejects"),
+    "consensus": ("labels",),
+    "pairs": ("pairs", "rejects"),
+}
+
+
+@functools.cache
+def model_id_for(model: str) -> str:
+    return resolve_model(model).model_id
+
+
+@dataclass
+class RunContext:
+    """What the stages of one run share in one process: the store, the model client, the checker."""
+
+    config: RunConfig
+    store: ShardStore = field(init=False)
+    checker: AnswerChecker = field(default_factory=AnswerChecker)
+    _client: GenerationClient | None = None
+
+    def __post_init__(self) -> None:
+        self.store = ShardStore(self.config.store)
+
+    @property
+    def run(self) -> str:
+        return self.config.run
+
+    @property
+    def model_id(self) -> str:
+        return model_id_for(self.config.backend.model)
+
+    def client(self) -> GenerationClient:
+        if self._client is None:
+            cache = GenerationCache(self.store.root / "cache" / "generations.sqlite")
+            self._client = GenerationClient(load_backend(self.config.backend), cache)
+        return self._client
+
+    def close(self) -> None:
+        self.checker.close()
+
+
+def _by_table(records: Iterable[Record], tables: tuple[str, ...]) -> dict[str, list[Record]]:
+    grouped: dict[str, list[Record]] = {t: [] for t in tables}
+    for record in records:
+        grouped[record.TABLE].append(record)
+    return grouped
+
+
+def _write(ctx: RunContext, stage: str, key: str, records: Iterable[Record], inputs: list[str], **stats) -> ShardManifest:
+    started = time.perf_counter()
+    client_before = ctx._client.stats.as_dict() if ctx._client else None
+    grouped = _by_table(records, STAGE_TABLES[stage])
+    if ctx._client is not None:
+        after = ctx._client.stats.as_dict()
+        before = client_before or {}
+        stats["generation"] = {
+            k: after[k] - before.get(k, 0) for k in ("samples", "cache_hits", "generated", "generated_tokens", "failures")
+        }
+    stats["reject_reasons"] = dict(Counter(r.reason for r in grouped.get("rejects", []) if isinstance(r, Reject)))
+    stats["seconds"] = round(time.perf_counter() - started, 3)
+    return ctx.store.write_shard(ctx.run, stage, key, grouped, inputs=inputs, stats=stats)
+
+
+def _problems(ctx: RunContext, shard: ShardManifest) -> list[Problem]:
+    return [Problem(**row) for row in ctx.store.read_rows("problems", [shard])]
+
+
+# -- ingest ------------------------------------------------------------------------------
+def ingest_shards(ctx: RunContext) -> list[ShardManifest]:
+    """Problem shards of ``shard_size`` problems each (keyed by their problem ids), plus a rejects shard."""
+    cfg = ctx.config
+    problems: list[Problem] = []
+    rejects: list[Reject] = []
+    for record in ingest.run(cfg.ingest):
+        (problems if isinstance(record, Problem) else rejects).append(record)
+    manifests = []
+    for start in range(0, len(problems), cfg.shard_size):
+        chunk = problems[start : start + cfg.shard_size]
+        key = content_hash("ingest", ingest.VERSION, [p.problem_id for p in chunk])
+        manifest = ctx.store.manifest(ctx.run, "ingest", key)
+        if manifest is None:
+            manifest = ctx.store.write_shard(ctx.run, "ingest", key, {"problems": chunk, "rejects": []})
+        manifests.append(manifest)
+    reject_key = content_hash("ingest-rejects", ingest.VERSION, [(r.item, r.reason) for r in rejects])
+    if ctx.store.manifest(ctx.run, "ingest", reject_key) is None:
+        ctx.store.write_shard(
+            ctx.run, "ingest", reject_key, {"problems": [], "rejects": rejects},
+            stats={"reject_reasons": dict(Counter(r.reason for r in rejects))},
+        )
+    return manifests
+
+
+# -- keys --------------------------------------------------------------------------------
+def rollout_key(ctx: RunContext, problem_shard: str) -> str:
+    return content_hash("rollout", rollout.VERSION, problem_shard, ctx.model_id, ctx.config.rollout.model_dump())
+
+
+def mc_label_key(ctx: RunContext, rollout_shard: str) -> str:
+    return content_hash("mc_label", mc_label.VERSION, rollout_shard, ctx.model_id, ctx.config.mc_label.model_dump())
+
+
+def consensus_key(ctx: RunContext, mc_shard: str) -> str:
+    return content_hash("consensus", consensus.VERSION, mc_shard, ctx.config.consensus.model_dump())
+
+
+def pairs_key(ctx: RunContext, label_shard: str) -> str:
+    return content_hash("pairs", pairs.VERSION, label_shard, ctx.config.pairs.model_dump())
+
+
+# -- stages over one shard ---------------------------------------------------------------
+def rollout_shard(ctx: RunContext, key: str, problem_shard: ShardManifest) -> ShardManifest:
+    if (done := ctx.store.manifest(ctx.run, "rollout", key)) is not None:
+        return done
+    problems = _problems(ctx, problem_shard)
+    with reporter().track(f"rollouts {problem_shard.shard[:8]}", len(problems)) as advance:
+        records = rollout.run(problems, ctx.config.rollout, ctx.client(), ctx.checker, on_problem_done=advance)
+        return _write(ctx, "rollout", key, records, [problem_shard.shard])
+
+
+def mc_label_shard(ctx: RunContext, key: str, problem_shard: ShardManifest, rollout_manifest: ShardManifest) -> ShardManifest:
+    if (done := ctx.store.manifest(ctx.run, "mc_label", key)) is not None:
+        return done
+    problems = _problems(ctx, problem_shard)
+    rollouts = ctx.store.read_rows("rollouts", [rollout_manifest])
+    nodes = ctx.store.read_rows("nodes", [rollout_manifest])
+    prefixes = {nid for r in rollouts for nid in r["node_ids"][:-1]}
+    with reporter().track(f"mc labels {problem_shard.shard[:8]}", len(prefixes)) as advance:
+        records = mc_label.run(
+            problems, rollouts, nodes, ctx.config.mc_label, ctx.client(), ctx.checker, on_step_done=advance
+        )
+        return _write(ctx, "mc_label", key, records, [rollout_manifest.shard])
+
+
+def consensus_shard(ctx: RunContext, key: str, mc_manifest: ShardManifest) -> ShardManifest:
+    if (done := ctx.store.manifest(ctx.run, "consensus", key)) is not None:
+        return done
+    evaluations = ctx.store.read_rows("evaluations", [mc_manifest])
+    return _write(ctx, "consensus", key, consensus.run(evaluations, ctx.config.consensus), [mc_manifest.shard])
+
+
+def pairs_shard(
+    ctx: RunContext,
+    key: str,
+    problem_shard: ShardManifest,
+    rollout_manifest: ShardManifest,
+    mc_manifest: ShardManifest,
+    label_manifest: ShardManifest,
+) -> ShardManifest:
+    if (done := ctx.store.manifest(ctx.run, "pairs", key)) is not None:
+        return done
+    tree = [rollout_manifest, mc_manifest]
+    records = pairs.run(
+        _problems(ctx, problem_shard),
+        ctx.store.read_rows("rollouts", tree),
+        ctx.store.read_rows("nodes", tree),
+        ctx.store.read_rows("labels", [label_manifest]),
+        ctx.config.pairs,
+    )
+    return _write(ctx, "pairs", key, records, [label_manifest.shard])
+
+
+# -- export ------------------------------------------------------------------------------
+def export_run(ctx: RunContext) -> list[dict]:
+    """Every complete shard of the run, exported as datasets (re-runnable: it only reads)."""
+    store, run = ctx.store, ctx.run
+    stage_manifests = defaultdict(list)
+    for manifest in store.manifests(run=run):
+        stage_manifests[manifest.stage].append(manifest)
+    tree = stage_manifests["rollout"] + stage_manifests["mc_label"]
+    summaries = list(
+        export.run(
+            ctx.config.export,
+            problems=store.read("problems", stage_manifests["ingest"]),
+            rollouts=store.read("rollouts", tree),
+            nodes=store.read("nodes", tree),
+            labels=store.read("labels", stage_manifests["consensus"]),
+            pairs=store.read("pairs", stage_manifests["pairs"]),
+        )
+    )
+    write_json_atomic(ctx.store.root / "runs" / f"{run}.exports.json", summaries)
+    return summaries
+
+
+def record_run(ctx: RunContext, status: str) -> None:
+    path = ctx.store.root / "runs" / f"{ctx.run}.json"
+    write_json_atomic(
+        path, {"run": ctx.run, "created_at": time.time(), "status": status, "config": ctx.config.model_dump(mode="json")}
+    )

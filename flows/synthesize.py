@@ -1,0 +1,102 @@
+"""The ``synthesize`` flow: ingest → rollout → mc_label → consensus → pairs → export, shard by shard.
+
+Thin by design: every task body is a function of ``flows.shards``. Tasks pass shard
+manifests (small dicts naming Parquet files), never data. Each task's Prefect cache key is
+the shard's content key (input shard hash + config hash + model + stage version), its result
+is persisted under the store, and the shard's own completion marker makes the work
+idempotent even outside Prefect.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from prefect import flow, task
+from prefect.filesystems import LocalFileSystem
+
+from stepforge.flows import shards
+from stepforge.flows.config import RunConfig
+from stepforge.storage.shards import ShardManifest
+
+_contexts: dict[str, shards.RunContext] = {}
+
+
+def _context(config: dict) -> shards.RunContext:
+    """One RunContext per run config per process: the model and caches load once."""
+    cfg = RunConfig.model_validate(config)
+    key = cfg.model_dump_json()
+    if key not in _contexts:
+        _contexts[key] = shards.RunContext(cfg)
+    return _contexts[key]
+
+
+def _manifest(data: dict) -> ShardManifest:
+    return ShardManifest(**data)
+
+
+def _key_from_parameters(_context, parameters: dict) -> str:
+    return parameters["key"]
+
+
+@task(name="rollout")
+def rollout_task(config: dict, key: str, problem_shard: dict) -> dict:
+    return asdict(shards.rollout_shard(_context(config), key, _manifest(problem_shard)))
+
+
+@task(name="mc_label")
+def mc_label_task(config: dict, key: str, problem_shard: dict, rollout_shard: dict) -> dict:
+    ctx = _context(config)
+    return asdict(shards.mc_label_shard(ctx, key, _manifest(problem_shard), _manifest(rollout_shard)))
+
+
+@task(name="consensus")
+def consensus_task(config: dict, key: str, mc_shard: dict) -> dict:
+    return asdict(shards.consensus_shard(_context(config), key, _manifest(mc_shard)))
+
+
+@task(name="pairs")
+def pairs_task(config: dict, key: str, problem_shard: dict, rollout_shard: dict, mc_shard: dict, label_shard: dict) -> dict:
+    ctx = _context(config)
+    return asdict(
+        shards.pairs_shard(
+            ctx, key, _manifest(problem_shard), _manifest(rollout_shard), _manifest(mc_shard), _manifest(label_shard)
+        )
+    )
+
+
+@task(name="ingest")
+def ingest_task(config: dict) -> list[dict]:
+    return [asdict(m) for m in shards.ingest_shards(_context(config))]
+
+
+@task(name="export")
+def export_task(config: dict) -> list[dict]:
+    return shards.export_run(_context(config))
+
+
+def _cached(task_fn, ctx: shards.RunContext):
+    """The task with a persisted, explicitly keyed result under the run's store."""
+    storage = LocalFileSystem(basepath=str(ctx.store.root / "prefect-results"))
+    return task_fn.with_options(
+        cache_key_fn=_key_from_parameters, persist_result=True, result_storage=storage,
+    )
+
+
+@flow(name="synthesize", log_prints=True)
+def synthesize(config: dict) -> dict:
+    """Run every stage over every shard of the configured problems; return a summary of the run."""
+    ctx = _context(config)
+    shards.record_run(ctx, "running")
+    problem_shards = ingest_task(config)
+    rollout_t, mc_t, consensus_t, pairs_t = (
+        _cached(t, ctx) for t in (rollout_task, mc_label_task, consensus_task, pairs_task)
+    )
+    for problem_shard in problem_shards:
+        rollout_m = rollout_t(config, shards.rollout_key(ctx, problem_shard["shard"]), problem_shard)
+        mc_m = mc_t(config, shards.mc_label_key(ctx, rollout_m["shard"]), problem_shard, rollout_m)
+        label_m = consensus_t(config, shards.consensus_key(ctx, mc_m["shard"]), mc_m)
+        pairs_t(config, shards.pairs_key(ctx, label_m["shard"]), problem_shard, rollout_m, mc_m, label_m)
+    exports = export_task(config)
+    shards.record_run(ctx, "completed")
+    client_stats = ctx._client.stats.as_dict() if ctx._client else {}
+    return {"run": ctx.run, "store": str(ctx.store.root), "exports": exports, "generation": client_stats}

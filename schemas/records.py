@@ -1,0 +1,243 @@
+"""The step tree's records: one pydantic model and one explicit Arrow schema per table.
+
+The pydantic model validates a row at a boundary (ingest, imports, tests); the Arrow schema
+is what every Parquet shard of that table is written with, so a column never changes type
+between shards and an empty shard still has every column.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Record(BaseModel):
+    """Base of every stored row. ``TABLE`` names the table, ``ARROW_SCHEMA`` its columns."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    TABLE: ClassVar[str]
+    ARROW_SCHEMA: ClassVar[pa.Schema]
+
+
+class Problem(Record):
+    TABLE: ClassVar[str] = "problems"
+    problem_id: str = Field(description="Content hash of the normalised question and gold answer.")
+    source: str = Field(description="Where the problem came from: dataset id or file path.")
+    source_index: int = Field(description="Row index in the source, for tracing back.")
+    question: str = Field(min_length=1, description="Problem statement shown to the policy.")
+    gold_answer: str = Field(min_length=1, description="Reference final answer, as extracted.")
+    gold_solution: str | None = Field(default=None, description="Reference worked solution, if any.")
+    meta: str = Field(default="{}", description="JSON object of extra source fields.")
+
+    ARROW_SCHEMA: ClassVar[pa.Schema] = pa.schema(
+        [
+            ("problem_id", pa.string()),
+            ("source", pa.string()),
+            ("source_index", pa.int64()),
+            ("question", pa.string()),
+            ("gold_answer", pa.string()),
+            ("gold_solution", pa.string()),
+            ("meta", pa.string()),
+        ]
+    )
+
+
+Origin = Literal["policy", "mc"]
+
+
+class Node(Record):
+    TABLE: ClassVar[str] = "nodes"
+    node_id: str = Field(description="Hash of (problem_id, parent_id, normalised text).")
+    problem_id: str
+    parent_id: str | None = Field(description="Previous step's node; None for a first step.")
+    depth: int = Field(ge=1, description="1 for a first step.")
+    text: str = Field(description="The step text as generated (not normalised).")
+    origin: Origin = Field(description="'policy' for a rollout step, 'mc' for a Monte Carlo completion's.")
+    num_tokens: int = Field(ge=0, description="Tokens of this step, as the policy's tokenizer counts.")
+
+    ARROW_SCHEMA: ClassVar[pa.Schema] = pa.schema(
+        [
+            ("node_id", pa.string()),
+            ("problem_id", pa.string()),
+            ("parent_id", pa.string()),
+            ("depth", pa.int32()),
+            ("text", pa.string()),
+            ("origin", pa.string()),
+            ("num_tokens", pa.int32()),
+        ]
+    )
+
+
+class Rollout(Record):
+    """A root-to-leaf path: a policy sample (prefix empty) or an MC completion of a prefix."""
+
+    TABLE: ClassVar[str] = "rollouts"
+    rollout_id: str
+    problem_id: str
+    origin: Origin
+    prefix_node_id: str | None = Field(description="Node the generation continued from; None = the problem.")
+    sample_index: int = Field(ge=0)
+    node_ids: list[str] = Field(description="The whole path from the first step to the leaf.")
+    text: str = Field(description="Generated text only (the prefix is not repeated).")
+    final_answer: str | None
+    outcome: bool | None = Field(description="Final answer checked against gold; None if unchecked.")
+    outcome_reason: str = Field(description="correct / wrong / no_answer / empty_generation / ...")
+    finish_reason: str = Field(description="stop / length, from the backend.")
+    num_tokens: int = Field(ge=0)
+    model: str
+    generation_key: str = Field(description="Generation cache key that produced the text.")
+
+    ARROW_SCHEMA: ClassVar[pa.Schema] = pa.schema(
+        [
+            ("rollout_id", pa.string()),
+            ("problem_id", pa.string()),
+            ("origin", pa.string()),
+            ("prefix_node_id", pa.string()),
+            ("sample_index", pa.int32()),
+            ("node_ids", pa.list_(pa.string())),
+            ("text", pa.string()),
+            ("final_answer", pa.string()),
+            ("outcome", pa.bool_()),
+            ("outcome_reason", pa.string()),
+            ("finish_reason", pa.string()),
+            ("num_tokens", pa.int32()),
+            ("model", pa.string()),
+            ("generation_key", pa.string()),
+        ]
+    )
+
+
+EvaluationSource = Literal["mc", "mcts", "judge", "tool", "human", "outcome"]
+
+
+class Evaluation(Record):
+    """One piece of evidence about one node from one source."""
+
+    TABLE: ClassVar[str] = "evaluations"
+    evaluation_id: str
+    node_id: str
+    problem_id: str
+    source: EvaluationSource
+    value: float | None = Field(description="Estimated probability the step leads to a correct answer.")
+    n: int = Field(ge=0, description="Samples behind the value (completions, votes, ...).")
+    successes: int = Field(ge=0, description="Of those, how many reached / voted correct.")
+    verdict: int | None = Field(default=None, description="+1 / 0 / -1 when the source gives one.")
+    confidence: float | None = None
+    rationale: str | None = None
+    model: str | None = None
+    cost_tokens: int = Field(default=0, ge=0, description="Generated tokens spent on this evidence.")
+    meta: str = Field(default="{}", description="JSON object: source-specific provenance.")
+
+    ARROW_SCHEMA: ClassVar[pa.Schema] = pa.schema(
+        [
+            ("evaluation_id", pa.string()),
+            ("node_id", pa.string()),
+            ("problem_id", pa.string()),
+            ("source", pa.string()),
+            ("value", pa.float64()),
+            ("n", pa.int32()),
+            ("successes", pa.int32()),
+            ("verdict", pa.int8()),
+            ("confidence", pa.float64()),
+            ("rationale", pa.string()),
+            ("model", pa.string()),
+            ("cost_tokens", pa.int64()),
+            ("meta", pa.string()),
+        ]
+    )
+
+
+class Label(Record):
+    """Derived from evaluations by a versioned consensus policy; never generated."""
+
+    TABLE: ClassVar[str] = "labels"
+    node_id: str
+    problem_id: str
+    label: Literal[-1, 0, 1]
+    value: float | None = Field(description="Soft label (e.g. MC fraction correct).")
+    confidence: float = Field(ge=0.0, le=1.0)
+    reason: str
+    policy: str = Field(description="name@version of the consensus policy.")
+
+    ARROW_SCHEMA: ClassVar[pa.Schema] = pa.schema(
+        [
+            ("node_id", pa.string()),
+            ("problem_id", pa.string()),
+            ("label", pa.int8()),
+            ("value", pa.float64()),
+            ("confidence", pa.float64()),
+            ("reason", pa.string()),
+            ("policy", pa.string()),
+        ]
+    )
+
+
+class Pair(Record):
+    TABLE: ClassVar[str] = "pairs"
+    pair_id: str
+    problem_id: str
+    kind: str = Field(description="step_dpo / sibling / trajectory.")
+    prompt: str = Field(description="Problem plus the shared correct prefix.")
+    chosen: str
+    rejected: str
+    prefix_node_id: str | None
+    chosen_node_id: str
+    rejected_node_id: str
+    chosen_value: float | None
+    rejected_value: float | None
+    margin: float | None
+    sources: str = Field(description="Comma-separated evaluation sources behind the pair.")
+
+    ARROW_SCHEMA: ClassVar[pa.Schema] = pa.schema(
+        [
+            ("pair_id", pa.string()),
+            ("problem_id", pa.string()),
+            ("kind", pa.string()),
+            ("prompt", pa.string()),
+            ("chosen", pa.string()),
+            ("rejected", pa.string()),
+            ("prefix_node_id", pa.string()),
+            ("chosen_node_id", pa.string()),
+            ("rejected_node_id", pa.string()),
+            ("chosen_value", pa.float64()),
+            ("rejected_value", pa.float64()),
+            ("margin", pa.float64()),
+            ("sources", pa.string()),
+        ]
+    )
+
+
+class Reject(Record):
+    """A row a stage could not use, with a stable snake_case reason, or an infrastructure error."""
+
+    TABLE: ClassVar[str] = "rejects"
+    stage: str
+    item: str = Field(description="What was rejected: 'source#row', a problem_id, a rollout_id.")
+    reason: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    detail: str = Field(description="Human-readable specifics: the offending field, the error text.")
+    payload: str | None = Field(default=None, description="The offending input, truncated.")
+
+    ARROW_SCHEMA: ClassVar[pa.Schema] = pa.schema(
+        [
+            ("stage", pa.string()),
+            ("item", pa.string()),
+            ("reason", pa.string()),
+            ("detail", pa.string()),
+            ("payload", pa.string()),
+        ]
+    )
+
+
+RECORD_TYPES: dict[str, type[Record]] = {
+    cls.TABLE: cls for cls in (Problem, Node, Rollout, Evaluation, Label, Pair, Reject)
+}
+TABLES = tuple(RECORD_TYPES)
+
+
+def to_arrow(table: str, rows: list[Record] | list[dict]) -> pa.Table:
+    """Rows of one table to an Arrow table with that table's exact schema."""
+    schema = RECORD_TYPES[table].ARROW_SCHEMA
+    dicts = [r.model_dump() if isinstance(r, BaseModel) else r for r in rows]
+    return pa.Table.from_pylist(dicts, schema=schema)

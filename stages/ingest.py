@@ -1,0 +1,272 @@
+"""Ingest stage: rows of a math dataset become problems; rows that cannot become one become rejects.
+
+Sources: a Hugging Face hub dataset id, or a local ``.jsonl`` / ``.json`` / ``.parquet`` file.
+Layouts: GSM8K (``question``, ``answer`` = worked solution ending ``#### N``) and MATH / MATH-500
+(``problem``, ``solution``, ``answer``). Every source row comes out exactly once, as a
+``Problem`` or as a ``Reject`` with a stable reason; a bad row never stops the stage.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from itertools import islice
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from stepforge.schemas.ids import problem_id
+from stepforge.schemas.records import Problem, Reject
+from stepforge.stages.answers import gsm8k_gold_answer, last_boxed
+
+if TYPE_CHECKING:
+    import datasets
+
+STAGE = "ingest"
+VERSION = 1
+PAYLOAD_CHARS = 2000
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+Layout = Literal["gsm8k", "math"]
+_JSON_TYPE_NAMES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+
+
+class IngestConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field(description="Hugging Face hub dataset id, or a local .jsonl / .json / .parquet file.")
+    split: str = Field(default="test", description="Hub split to read; local files have a single split.")
+    subset: str | None = Field(default=None, description="Hub configuration name (e.g. 'main' for openai/gsm8k).")
+    format: Literal["auto", "gsm8k", "math"] = Field(
+        default="auto",
+        description="Row layout. auto decides per row: 'math' if it has a 'problem' or solution field, "
+        "else 'gsm8k'.",
+    )
+    question_field: str | None = Field(
+        default=None, description="Field holding the question; default 'question' (gsm8k) / 'problem' (math)."
+    )
+    answer_field: str | None = Field(
+        default=None,
+        description="Field holding the gold answer (math) or the worked solution ending '#### N' (gsm8k); "
+        "default 'answer'.",
+    )
+    solution_field: str | None = Field(
+        default=None, description="Field holding the worked solution (math only); default 'solution'."
+    )
+    limit: int | None = Field(default=None, ge=0, description="Read at most this many source rows.")
+    offset: int = Field(default=0, ge=0, description="Skip this many source rows first.")
+    max_question_chars: int = Field(
+        default=20000, ge=1, description="Longer questions are rejected as text_too_long."
+    )
+
+
+class _RowError(Exception):
+    """A row that cannot become a problem; carries the reject's reason and detail."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def run(config: IngestConfig) -> Iterator[Problem | Reject]:
+    """Problems and rejects in source order; a problem seen before in this ingest is a reject.
+
+    A config error (missing file, unknown hub dataset) raises here, before the first row.
+    """
+    return _problems(_open_source(config), config)
+
+
+def _problems(
+    rows: Iterator[tuple[int, dict[str, Any] | Reject]], config: IngestConfig
+) -> Iterator[Problem | Reject]:
+    first_row_of: dict[str, int] = {}
+    for row_index, row in rows:
+        if isinstance(row, Reject):
+            yield row
+            continue
+        try:
+            problem = _problem_from_row(row, row_index, config)
+        except _RowError as error:
+            yield _reject(config, row_index, error.reason, error.detail, _dump(row))
+            continue
+        first_row = first_row_of.setdefault(problem.problem_id, row_index)
+        if first_row != row_index:
+            yield _reject(
+                config, row_index, "duplicate_problem",
+                f"same question and gold answer as row {first_row} ({problem.problem_id})", _dump(row),
+            )
+            continue
+        yield problem
+
+
+def _open_source(config: IngestConfig) -> Iterator[tuple[int, dict[str, Any] | Reject]]:
+    """(source row index, row or read-level reject) for the rows inside offset / limit."""
+    path = Path(config.source)
+    suffix = path.suffix.lower()
+    if suffix in LOCAL_SUFFIXES and not path.is_file():
+        raise FileNotFoundError(f"ingest source {config.source!r} does not exist or is not a file")
+    if suffix not in LOCAL_SUFFIXES and path.exists():
+        raise ValueError(f"ingest source {config.source!r}: supported files are {', '.join(LOCAL_SUFFIXES)}")
+    stop = None if config.limit is None else config.offset + config.limit
+    if suffix in (".jsonl", ".json"):
+        return (
+            (row_index, _decode_line(line, row_index, config))
+            for row_index, line in islice(enumerate(_lines_of(path)), config.offset, stop)
+        )
+    dataset = _load_dataset(config)
+    window = range(config.offset, len(dataset) if stop is None else min(stop, len(dataset)))
+    return zip(window, dataset.select(window))
+
+
+def _lines_of(path: Path) -> Iterator[bytes]:
+    """The file's JSON documents as raw bytes: the lines of JSON Lines, the items of a JSON array.
+
+    Lines are read as bytes and decoded one by one, not with ``datasets``' JSON loader: that loader
+    fails the whole file on a single malformed line or on a field whose type changes between
+    rows, and a bad row must become a reject, not stop the ingest.
+    """
+    if path.suffix.lower() == ".json":
+        items = _json_array_items(path)
+        if items is not None:
+            yield from items
+            return
+    with path.open("rb") as lines:
+        for line in lines:
+            if line.strip():  # blank lines are layout, not rows
+                yield line
+
+
+def _json_array_items(path: Path) -> list[bytes] | None:
+    """A .json file's array items re-encoded one per row, or None if the file is not a JSON array."""
+    try:
+        document = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None  # many .json files on the hub are JSON Lines
+    if not isinstance(document, list):
+        return None  # a one-line JSON Lines file
+    return [json.dumps(item, ensure_ascii=False).encode("utf-8") for item in document]
+
+
+def _decode_line(line: bytes, row_index: int, config: IngestConfig) -> dict[str, Any] | Reject:
+    line = line.rstrip(b"\r\n")
+    payload = line.decode("utf-8", errors="backslashreplace")
+    try:
+        text = line.decode("utf-8-sig")  # -sig: tolerate a byte-order mark before the first row
+    except UnicodeDecodeError as error:
+        return _reject(config, row_index, "invalid_utf8", str(error), payload)
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as error:
+        return _reject(config, row_index, "invalid_json", str(error), payload)
+    if not isinstance(row, dict):
+        return _reject(config, row_index, "not_an_object", f"row is a JSON {_JSON_TYPE_NAMES[type(row)]}", payload)
+    return row
+
+
+def _load_dataset(config: IngestConfig) -> datasets.Dataset:
+    """A Parquet file or a hub split as a ``datasets.Dataset``."""
+    # Imported here: `datasets` takes seconds to import and JSON Lines sources never need it.
+    import datasets
+    from datasets.exceptions import DatasetNotFoundError
+
+    if Path(config.source).suffix.lower() == ".parquet":
+        return datasets.load_dataset("parquet", data_files=config.source, split="train")
+    try:
+        return datasets.load_dataset(config.source, config.subset, split=config.split)
+    except DatasetNotFoundError as error:
+        raise ValueError(f"ingest source {config.source!r} is not a hub dataset id: {error}") from error
+
+
+def _problem_from_row(row: dict[str, Any], row_index: int, config: IngestConfig) -> Problem:
+    layout = _layout_of(row, config)
+    question_field = config.question_field or ("question" if layout == "gsm8k" else "problem")
+    answer_field = config.answer_field or "answer"
+    solution_field = config.solution_field or "solution"
+
+    question = _required_text(row, question_field)
+    if not question.strip():
+        raise _RowError("empty_text", f"field {question_field!r} is empty")
+    if len(question) > config.max_question_chars:
+        raise _RowError(
+            "text_too_long", f"field {question_field!r} has {len(question)} characters, "
+            f"more than max_question_chars={config.max_question_chars}",
+        )
+
+    if layout == "gsm8k":
+        used_fields = {question_field, answer_field}
+        gold_solution = _required_text(row, answer_field)
+        gold_answer = gsm8k_gold_answer(gold_solution)
+        if gold_answer is None:
+            raise _RowError("no_gold_answer", f"field {answer_field!r} has no '#### <answer>' line")
+    else:
+        used_fields = {question_field, answer_field, solution_field}
+        gold_answer, gold_solution = _math_gold(row, answer_field, solution_field)
+
+    return Problem(
+        problem_id=problem_id(question, gold_answer),
+        source=config.source,
+        source_index=row_index,
+        question=question,
+        gold_answer=gold_answer,
+        gold_solution=gold_solution,
+        meta=_meta(row, used_fields),
+    )
+
+
+def _layout_of(row: dict[str, Any], config: IngestConfig) -> Layout:
+    if config.format != "auto":
+        return config.format
+    if "problem" in row or (config.solution_field or "solution") in row:
+        return "math"
+    return "gsm8k"
+
+
+def _required_text(row: dict[str, Any], field: str) -> str:
+    if row.get(field) is None:
+        raise _RowError("missing_field", f"field {field!r} is missing or null")
+    value = row[field]
+    if not isinstance(value, str):
+        raise _RowError("wrong_type", f"field {field!r} is {type(value).__name__}, expected str")
+    return value
+
+
+def _math_gold(row: dict[str, Any], answer_field: str, solution_field: str) -> tuple[str, str | None]:
+    """(gold answer, gold solution): the answer field, else the solution's last box."""
+    if row.get(answer_field) is None and row.get(solution_field) is None:
+        raise _RowError("missing_field", f"neither field {answer_field!r} nor {solution_field!r} is present")
+    solution = _required_text(row, solution_field) if row.get(solution_field) is not None else None
+    answer = row.get(answer_field)
+    if isinstance(answer, bool) or not isinstance(answer, str | int | float | None):
+        raise _RowError("wrong_type", f"field {answer_field!r} is {type(answer).__name__}, expected str or number")
+    gold = str(answer).strip() if answer is not None else ""
+    if not gold and solution is not None:
+        gold = last_boxed(solution) or ""
+    if not gold:
+        raise _RowError("no_gold_answer", f"no {answer_field!r} and no \\boxed{{}} in {solution_field!r}")
+    return gold, solution
+
+
+def _meta(row: dict[str, Any], used_fields: set[str]) -> str:
+    """The row's other scalar fields (subject, level, ids) as a JSON object."""
+    extra = {key: value for key, value in row.items() if key not in used_fields and _is_json_scalar(value)}
+    return json.dumps(extra, sort_keys=True, ensure_ascii=False)
+
+
+def _is_json_scalar(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)  # NaN / Infinity are not valid JSON
+    return value is None or isinstance(value, str | int | bool)
+
+
+def _dump(row: dict[str, Any]) -> str:
+    return json.dumps(row, ensure_ascii=False, default=str)
+
+
+def _reject(config: IngestConfig, row_index: int, reason: str, detail: str, payload: str) -> Reject:
+    return Reject(
+        stage=STAGE, item=f"{config.source}#{row_index}", reason=reason, detail=detail,
+        payload=payload[:PAYLOAD_CHARS],
+    )

@@ -1,0 +1,199 @@
+"""The generation seam: requests in, generations out, behind one narrow async interface.
+
+Labelling code is written per problem ("complete this prefix K times") and *awaits*
+``GenerationClient.generate``. Thousands of such awaits are outstanding at once, so the
+backend always has a deep queue to batch from; how it batches is its own business
+(llama.cpp: in sequence, ordered so consecutive prompts share a KV-cached prefix; vLLM: one
+big batch; HTTP: bounded concurrency).
+
+Every sample is cached by content — model, rendered request, sampling parameters, sample
+index and seed — so a crashed or repeated run replays instead of paying for tokens again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from stepforge.schemas.ids import content_hash
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """What to generate. Exactly one of ``messages`` (chat) or ``prompt`` (raw text) is set.
+
+    ``assistant_prefix`` continues a partial assistant turn: the backend renders the chat
+    template with the assistant turn opened and appends the prefix verbatim, so the model
+    continues the same text rather than answering a new prompt.
+    """
+
+    messages: tuple[tuple[str, str], ...] | None = None
+    prompt: str | None = None
+    assistant_prefix: str = ""
+    n: int = 1
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_tokens: int = 512
+    stop: tuple[str, ...] = ()
+    seed: int = 0
+    logprobs: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("a GenerationRequest needs exactly one of messages or prompt")
+        if self.prompt is not None and self.assistant_prefix:
+            raise ValueError("assistant_prefix continues a chat; with a raw prompt, append it to the prompt")
+        if self.n < 1 or self.max_tokens < 1:
+            raise ValueError("n and max_tokens must be at least 1")
+
+    def sample_key(self, model_id: str, sample_index: int) -> str:
+        """Content address of one sample: independent of ``n``, so n=4 and n=8 share four."""
+        return content_hash(
+            "gen/1", model_id, self.messages, self.prompt, self.assistant_prefix, self.temperature,
+            self.top_p, self.max_tokens, self.stop, self.seed, self.logprobs, sample_index, length=32,
+        )
+
+    def sample_seed(self, key: str) -> int:
+        """Per-sample sampler seed: distinct streams per prompt and index, fixed by the run seed."""
+        return int(key[:8], 16) & 0x7FFFFFFF
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    text: str
+    num_tokens: int
+    finish_reason: str  # "stop" | "length"
+    logprobs: tuple[float, ...] | None = None
+    key: str = ""
+    cached: bool = False
+
+
+class Backend(Protocol):
+    """A generation engine. ``model_id`` must change whenever the weights do (it keys the cache)."""
+
+    model_id: str
+    max_in_flight: int
+
+    async def generate(self, request: GenerationRequest, seed: int) -> Generation:
+        """One sample of ``request`` (its ``n`` is ignored) with the given sampler seed."""
+        ...
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class GenerationCacheLike(Protocol):
+    def get(self, key: str) -> Generation | None: ...
+
+    def put(self, key: str, generation: Generation) -> None: ...
+
+
+@dataclass
+class ClientStats:
+    requests: int = 0
+    samples: int = 0
+    cache_hits: int = 0
+    generated: int = 0
+    generated_tokens: int = 0
+    failures: int = 0
+    # Time-weighted in-flight count: ∫ in_flight dt over the time anything was in flight.
+    in_flight_area: float = 0.0
+    busy_seconds: float = 0.0
+    max_in_flight_seen: int = 0
+    _in_flight: int = field(default=0, repr=False)
+    _last_change: float = field(default=0.0, repr=False)
+
+    def _tick(self) -> None:
+        now = time.perf_counter()
+        if self._in_flight:
+            dt = now - self._last_change
+            self.in_flight_area += self._in_flight * dt
+            self.busy_seconds += dt
+        self._last_change = now
+
+    def enter(self) -> None:
+        self._tick()
+        self._in_flight += 1
+        self.max_in_flight_seen = max(self.max_in_flight_seen, self._in_flight)
+
+    def leave(self) -> None:
+        self._tick()
+        self._in_flight -= 1
+
+    @property
+    def mean_in_flight(self) -> float:
+        return self.in_flight_area / self.busy_seconds if self.busy_seconds else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "requests": self.requests, "samples": self.samples, "cache_hits": self.cache_hits,
+            "generated": self.generated, "generated_tokens": self.generated_tokens,
+            "failures": self.failures, "mean_in_flight": round(self.mean_in_flight, 3),
+            "max_in_flight": self.max_in_flight_seen, "busy_seconds": round(self.busy_seconds, 3),
+        }
+
+
+class GenerationError(RuntimeError):
+    """A backend failed on a request after its own retries; callers turn it into a reject row."""
+
+
+class GenerationClient:
+    """Cache in front of a backend, with a bound on samples in flight."""
+
+    def __init__(self, backend: Backend, cache: GenerationCacheLike | None = None, max_in_flight: int | None = None):
+        self.backend = backend
+        self.cache = cache
+        self.max_in_flight = max_in_flight or backend.max_in_flight
+        self.stats = ClientStats()
+        self._semaphore: asyncio.Semaphore | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def model_id(self) -> str:
+        return self.backend.model_id
+
+    def _sem(self) -> asyncio.Semaphore:
+        loop = asyncio.get_running_loop()
+        if self._semaphore is None or self._loop is not loop:
+            self._semaphore, self._loop = asyncio.Semaphore(self.max_in_flight), loop
+        return self._semaphore
+
+    async def generate(self, request: GenerationRequest) -> list[Generation]:
+        """``request.n`` independent samples, each replayed from the cache when present."""
+        self.stats.requests += 1
+        return list(await asyncio.gather(*(self._sample(request, i) for i in range(request.n))))
+
+    async def generate_each(self, request: GenerationRequest) -> list[Generation | GenerationError]:
+        """Like ``generate``, but a failed sample is returned as its error instead of failing the rest."""
+        self.stats.requests += 1
+        return list(
+            await asyncio.gather(*(self._sample(request, i) for i in range(request.n)), return_exceptions=True)
+        )
+
+    async def _sample(self, request: GenerationRequest, index: int) -> Generation:
+        self.stats.samples += 1
+        key = request.sample_key(self.model_id, index)
+        if self.cache is not None and (hit := self.cache.get(key)) is not None:
+            self.stats.cache_hits += 1
+            return hit
+        async with self._sem():
+            self.stats.enter()
+            try:
+                generation = await self.backend.generate(request, request.sample_seed(key))
+            except Exception as exc:
+                self.stats.failures += 1
+                raise GenerationError(f"{type(exc).__name__}: {exc}") from exc
+            finally:
+                self.stats.leave()
+        generation = Generation(
+            text=generation.text, num_tokens=generation.num_tokens, finish_reason=generation.finish_reason,
+            logprobs=generation.logprobs, key=key, cached=False,
+        )
+        self.stats.generated += 1
+        self.stats.generated_tokens += generation.num_tokens
+        if self.cache is not None:
+            self.cache.put(key, generation)
+        return generation

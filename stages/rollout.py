@@ -1,0 +1,62 @@
+"""Rollout stage: N sampled solutions per problem, split into steps, final answers checked."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from stepforge.schemas.records import Problem, Record, Reject
+from stepforge.stages.answers import AnswerChecker
+from stepforge.stages.llm.aio import run_in_order
+from stepforge.stages.llm.base import GenerationClient, GenerationError
+from stepforge.stages.prompting import PromptConfig, SamplingConfig, build_request
+from stepforge.stages.split import SplitConfig
+from stepforge.stages.tree import PathPrefix, TreeBuilder, first_occurrences
+
+STAGE = "rollout"
+VERSION = 1
+
+
+class RolloutConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    samples_per_problem: int = Field(default=4, ge=1, description="Independent solutions sampled per problem.")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling parameters of the policy.")
+    prompt: PromptConfig = Field(default_factory=PromptConfig, description="How the problem is put to the policy.")
+    split: SplitConfig = Field(default_factory=SplitConfig, description="How a solution is cut into steps.")
+
+
+def run(
+    problems: Iterable[Problem],
+    config: RolloutConfig,
+    client: GenerationClient,
+    checker: AnswerChecker,
+    on_problem_done: Callable[[], None] | None = None,
+) -> Iterator[Record]:
+    """Rollouts and their nodes for every problem; a failed or empty sample becomes a reject."""
+    builder = TreeBuilder(config.split, checker, client.backend.count_tokens, client.model_id)
+
+    async def solve(problem: Problem) -> list[Record]:
+        request = build_request(
+            problem.question, [], config.samples_per_problem, config.prompt, config.split, config.sampling
+        )
+        records: list[Record] = []
+        for index, generation in enumerate(await client.generate_each(request)):
+            if isinstance(generation, GenerationError):
+                records.append(
+                    Reject(stage=STAGE, item=f"{problem.problem_id}#{index}", reason="generation_failed", detail=str(generation))
+                )
+                continue
+            if isinstance(generation, BaseException):
+                raise generation
+            rollout, nodes, reject = builder.from_generation(
+                STAGE, problem.problem_id, problem.gold_answer, PathPrefix(), generation, "policy", index
+            )
+            records.extend(nodes)
+            records.append(rollout or reject)
+        if on_problem_done:
+            on_problem_done()
+        return first_occurrences(records, set())
+
+    yield from run_in_order(problems, solve)

@@ -1,0 +1,107 @@
+"""Turning generated text into step-tree records: the one place paths, nodes and rollouts are made."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from stepforge.schemas.ids import content_hash, node_id
+from stepforge.schemas.records import Node, Origin, Record, Reject, Rollout
+from stepforge.stages.answers import AnswerChecker, extract_final_answer
+from stepforge.stages.llm.base import Generation
+from stepforge.stages.split import SplitConfig, split_steps
+
+
+@dataclass(frozen=True)
+class PathPrefix:
+    """Where a generation starts in the tree: the node ids and texts above it (empty = the problem)."""
+
+    node_ids: tuple[str, ...] = ()
+    texts: tuple[str, ...] = ()
+
+    @property
+    def leaf(self) -> str | None:
+        return self.node_ids[-1] if self.node_ids else None
+
+    def extend(self, new_id: str, text: str) -> "PathPrefix":
+        return PathPrefix(self.node_ids + (new_id,), self.texts + (text,))
+
+
+def first_occurrences(records: list[Record], seen: set[str]) -> list[Record]:
+    """Drop nodes already in ``seen`` (and record the rest), so each node is stored once.
+
+    Applied to one item's records in their deterministic order, never in completion order,
+    so which duplicate is kept does not depend on engine scheduling.
+    """
+    kept: list[Record] = []
+    for record in records:
+        if isinstance(record, Node):
+            if record.node_id in seen:
+                continue
+            seen.add(record.node_id)
+        kept.append(record)
+    return kept
+
+
+class TreeBuilder:
+    """Makes rollouts and the nodes along their paths that are not already stored."""
+
+    def __init__(
+        self,
+        split: SplitConfig,
+        checker: AnswerChecker,
+        count_tokens: Callable[[str], int],
+        model: str,
+        known_node_ids: frozenset[str] = frozenset(),
+    ):
+        self.split = split
+        self.checker = checker
+        self.count_tokens = count_tokens
+        self.model = model
+        self.known_node_ids = known_node_ids
+
+    def from_generation(
+        self,
+        stage: str,
+        problem_id: str,
+        gold_answer: str,
+        prefix: PathPrefix,
+        generation: Generation,
+        origin: Origin,
+        sample_index: int,
+    ) -> tuple[Rollout | None, list[Node], Reject | None]:
+        """The rollout a generation makes below ``prefix``, its nodes not yet stored, or a reject."""
+        steps = split_steps(generation.text, self.split)
+        rollout_id = content_hash("rollout", problem_id, prefix.leaf, generation.key)
+        if not steps:
+            reject = Reject(
+                stage=stage, item=rollout_id, reason="empty_generation",
+                detail=f"finish_reason={generation.finish_reason}, {generation.num_tokens} tokens, no step text",
+                payload=generation.text[:2000],
+            )
+            return None, [], reject
+        new_nodes: list[Node] = []
+        path_ids = list(prefix.node_ids)
+        parent = prefix.leaf
+        for step in steps:
+            nid = node_id(problem_id, parent, step)
+            if nid not in self.known_node_ids:
+                new_nodes.append(
+                    Node(
+                        node_id=nid, problem_id=problem_id, parent_id=parent, depth=len(path_ids) + 1,
+                        text=step, origin=origin, num_tokens=self.count_tokens(step),
+                    )
+                )
+            path_ids.append(nid)
+            parent = nid
+        final_answer = extract_final_answer(generation.text)
+        outcome, reason = self.checker.check(gold_answer, final_answer)
+        if outcome is None and reason == "no_answer":
+            outcome = False  # a solution that never states an answer did not reach the right one
+        rollout = Rollout(
+            rollout_id=rollout_id, problem_id=problem_id, origin=origin, prefix_node_id=prefix.leaf,
+            sample_index=sample_index, node_ids=path_ids, text=generation.text, final_answer=final_answer,
+            outcome=outcome, outcome_reason=reason, finish_reason=generation.finish_reason,
+            num_tokens=generation.num_tokens, model=self.model, generation_key=generation.key,
+        )
+        return rollout, new_nodes, None

@@ -1,0 +1,384 @@
+"""Export stage: hand-built step trees in, TRL-format datasets out, read back as consumers would."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any
+
+import datasets
+import pyarrow as pa
+import pytest
+
+from stepforge.schemas.formats import (
+    validate_math_shepherd,
+    validate_preference,
+    validate_stepwise_supervision,
+    validate_unpaired_preference,
+)
+from stepforge.schemas.records import to_arrow
+from stepforge.stages import export
+from stepforge.stages.export import ExportConfig
+
+POLICY = "mc_hard@1"
+QUESTION_1 = "Natalia sold 48 clips in April and half as many in May. How many in total?"
+QUESTION_2 = "Tom has 2 bags of 3 apples and finds 1 more. How many apples?"
+
+# p1: r1 = a correct path ending in a neutral step; r2 = a wrong path; r3 = an MC completion.
+# p2: r4 = a correct path; r5 = a path whose last step has no label.
+NODES = {
+    "n1": ("p1", None, 1, "48/2 = 24"),
+    "n2": ("p1", "n1", 2, "24+48 = 72"),
+    "n3": ("p1", "n1", 2, "24+48 = 82"),
+    "n4": ("p1", "n2", 3, "The answer is 72"),
+    "m1": ("p1", "n1", 2, "24*3 = 72"),
+    "q1": ("p2", None, 1, "2*3 = 6"),
+    "q2": ("p2", "q1", 2, "6+1 = 7"),
+    "q3": ("p2", "q1", 2, "6+1 = 8"),
+}
+# node_id: (label, soft value, confidence)
+LABELS = {
+    "n1": (1, 0.75, 0.9),
+    "n2": (1, 1.0, 0.8),
+    "n4": (0, 0.5, 0.3),
+    "n3": (-1, 0.0, 0.95),
+    "m1": (1, 1.0, 0.5),
+    "q1": (1, 1.0, 0.9),
+    "q2": (1, None, 0.6),
+}
+
+
+def _problem(problem_id: str, question: str, gold: str) -> dict[str, Any]:
+    return {
+        "problem_id": problem_id, "source": "hand", "source_index": 0, "question": question,
+        "gold_answer": gold, "gold_solution": None, "meta": "{}",
+    }
+
+
+def _rollout(rollout_id: str, problem_id: str, node_ids: list[str], answer: str, outcome: bool,
+             origin: str = "policy") -> dict[str, Any]:
+    return {
+        "rollout_id": rollout_id, "problem_id": problem_id, "origin": origin,
+        "prefix_node_id": node_ids[0] if origin == "mc" else None, "sample_index": 0, "node_ids": node_ids,
+        "text": "\n\n".join(NODES[n][3] for n in node_ids), "final_answer": answer, "outcome": outcome,
+        "outcome_reason": "correct" if outcome else "wrong", "finish_reason": "stop", "num_tokens": 10,
+        "model": "tiny-policy", "generation_key": f"g-{rollout_id}",
+    }
+
+
+def _pair(pair_id: str, problem_id: str, kind: str, prompt: str, chosen: str, rejected: str,
+          margin: float | None) -> dict[str, Any]:
+    return {
+        "pair_id": pair_id, "problem_id": problem_id, "kind": kind, "prompt": prompt, "chosen": chosen,
+        "rejected": rejected, "prefix_node_id": None, "chosen_node_id": "c", "rejected_node_id": "r",
+        "chosen_value": 1.0, "rejected_value": 0.0, "margin": margin, "sources": "mc",
+    }
+
+
+def build_tables(question_1: str = QUESTION_1) -> dict[str, pa.Table]:
+    """Two problems' trees; rows deliberately out of order to check the export sorts them."""
+    return {
+        "problems": to_arrow("problems", [_problem("p2", QUESTION_2, "7"), _problem("p1", question_1, "72")]),
+        "rollouts": to_arrow(
+            "rollouts",
+            [
+                _rollout("r5", "p2", ["q1", "q3"], "8", False),
+                _rollout("r4", "p2", ["q1", "q2"], "7", True),
+                _rollout("r3", "p1", ["n1", "m1"], "72", True, origin="mc"),
+                _rollout("r2", "p1", ["n1", "n3"], "82", False),
+                _rollout("r1", "p1", ["n1", "n2", "n4"], "72", True),
+            ],
+        ),
+        "nodes": to_arrow(
+            "nodes",
+            [
+                {"node_id": node_id, "problem_id": problem_id, "parent_id": parent, "depth": depth, "text": text,
+                 "origin": "mc" if node_id.startswith("m") else "policy", "num_tokens": 5}
+                for node_id, (problem_id, parent, depth, text) in NODES.items()
+            ],
+        ),
+        "labels": to_arrow(
+            "labels",
+            [
+                {"node_id": node_id, "problem_id": NODES[node_id][0], "label": label, "value": value,
+                 "confidence": confidence, "reason": "mc", "policy": POLICY}
+                for node_id, (label, value, confidence) in LABELS.items()
+            ],
+        ),
+        "pairs": to_arrow(
+            "pairs",
+            [
+                _pair("pa", "p2", "trajectory", QUESTION_2 + "\n", "2*3 = 6\n\n6+1 = 7", "2*3 = 6\n\n6+1 = 8", None),
+                _pair("pz", "p1", "step_dpo", question_1 + "\n48/2 = 24\n", "24+48 = 72", "24+48 = 82", 1.0),
+            ],
+        ),
+    }
+
+
+def run_export(out_dir: Path, tables: dict[str, pa.Table] | None = None, **config: Any) -> dict[str, dict]:
+    summaries = export.run(ExportConfig(out_dir=out_dir, **config), **(tables or build_tables()))
+    return {summary["dataset"]: summary for summary in summaries}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, dict]]:
+    out_dir = tmp_path_factory.mktemp("export")
+    return out_dir, run_export(out_dir)
+
+
+def load_both(out_dir: Path, name: str) -> datasets.Dataset:
+    """The dataset as written by save_to_disk, after checking the Parquet copy holds the same rows."""
+    from_disk = datasets.load_from_disk(str(out_dir / name))
+    from_parquet = datasets.load_dataset("parquet", data_files=str(out_dir / f"{name}.parquet"), split="train")
+    assert from_parquet.to_list() == from_disk.to_list()
+    return from_disk
+
+
+def test_summaries(exported: tuple[Path, dict[str, dict]]) -> None:
+    out_dir, summaries = exported
+    assert list(summaries) == ["prm_stepwise", "math_shepherd", "dpo", "kto"]
+    assert summaries["prm_stepwise"] == {
+        "dataset": "prm_stepwise", "format": "stepwise_supervision", "rows": 3,
+        "path": str(out_dir / "prm_stepwise"), "parquet_path": str(out_dir / "prm_stepwise.parquet"),
+        "skipped": {"unlabelled_step": 1},
+    }
+    assert summaries["math_shepherd"]["rows"] == 3
+    assert summaries["dpo"]["rows"] == 2 and summaries["dpo"]["skipped"] == {}
+    assert summaries["kto"]["rows"] == 4
+
+
+def test_prm_stepwise_rows(exported: tuple[Path, dict[str, dict]]) -> None:
+    out_dir, _ = exported
+    dataset = load_both(out_dir, "prm_stepwise")
+    validate_stepwise_supervision(dataset)
+    assert dataset.column_names == [
+        "prompt", "completions", "labels", "problem_id", "rollout_id", "node_ids", "values", "confidences",
+        "label_policy", "outcome", "final_answer", "gold_answer", "model",
+    ]
+    assert dataset["rollout_id"] == ["r1", "r2", "r4"]  # sorted; MC rollout r3 and unlabelled r5 left out
+    r1, r2, r4 = dataset.to_list()
+    assert r1["prompt"] == QUESTION_1
+    assert r1["completions"] == ["48/2 = 24", "24+48 = 72", "The answer is 72"]
+    assert r1["labels"] == [True, True, False]  # the neutral last step maps to negative by default
+    assert r1["values"] == [0.75, 1.0, 0.5]
+    assert r1["confidences"] == [0.9, 0.8, 0.3]
+    assert r1["node_ids"] == ["n1", "n2", "n4"]
+    assert (r1["outcome"], r1["final_answer"], r1["gold_answer"]) == (True, "72", "72")
+    assert (r1["label_policy"], r1["model"]) == (POLICY, "tiny-policy")
+    assert r2["labels"] == [True, False] and r2["outcome"] is False
+    assert r4["prompt"] == QUESTION_2 and r4["values"] == [1.0, None]
+
+
+@pytest.mark.parametrize(
+    ("neutral_as", "r1_labels", "skipped"),
+    [
+        ("negative", [True, True, False], {"unlabelled_step": 1}),
+        ("positive", [True, True, True], {"unlabelled_step": 1}),
+        ("drop", None, {"neutral_step": 1, "unlabelled_step": 1}),
+    ],
+)
+def test_neutral_mapping(tmp_path: Path, neutral_as: str, r1_labels: list[bool] | None, skipped: dict) -> None:
+    summaries = run_export(tmp_path, formats=["prm_stepwise"], neutral_as=neutral_as)
+    assert summaries["prm_stepwise"]["skipped"] == skipped
+    rows = {row["rollout_id"]: row for row in datasets.load_from_disk(str(tmp_path / "prm_stepwise")).to_list()}
+    assert rows.get("r1", {}).get("labels") == r1_labels
+    assert rows["r2"]["labels"] == [True, False]
+
+
+def test_math_shepherd_rows(exported: tuple[Path, dict[str, dict]]) -> None:
+    out_dir, _ = exported
+    dataset = load_both(out_dir, "math_shepherd")
+    validate_math_shepherd(dataset)
+    r2 = dataset.to_list()[1]
+    assert r2["rollout_id"] == "r2"
+    assert r2["input"] == QUESTION_1 + " 48/2 = 24 ки\n24+48 = 82 ки"
+    assert r2["label"] == QUESTION_1 + " 48/2 = 24 +\n24+48 = 82 -"
+    assert r2["value"] == ["+", "-"]
+    assert {"prompt", "completions", "labels"}.isdisjoint(dataset.column_names)
+
+
+def test_math_shepherd_skips_text_containing_the_step_tag(tmp_path: Path) -> None:
+    tables = build_tables(question_1="Сколько всего? (Russian text contains ки)")
+    summaries = run_export(tmp_path, tables, formats=["math_shepherd"])
+    # Both p1 rollouts carry the tag in their question; the unlabelled p2 rollout is counted upstream.
+    assert summaries["math_shepherd"]["rows"] == 1
+    assert summaries["math_shepherd"]["skipped"] == {"step_tag_in_text": 2, "unlabelled_step": 1}
+
+
+def test_custom_step_tag(tmp_path: Path) -> None:
+    run_export(tmp_path, formats=["math_shepherd"], step_tag="<step>")
+    dataset = datasets.load_from_disk(str(tmp_path / "math_shepherd"))
+    validate_math_shepherd(dataset, step_tag="<step>")
+    assert dataset[0]["input"].endswith("The answer is 72 <step>")
+
+
+def test_dpo_rows(exported: tuple[Path, dict[str, dict]]) -> None:
+    out_dir, _ = exported
+    dataset = load_both(out_dir, "dpo")
+    validate_preference(dataset)
+    assert dataset.column_names == [
+        "prompt", "chosen", "rejected", "pair_id", "problem_id", "kind", "margin", "chosen_value",
+        "rejected_value", "sources",
+    ]
+    assert dataset["pair_id"] == ["pz", "pa"]  # by problem_id first
+    first = dataset[0]
+    assert (first["chosen"], first["rejected"], first["kind"], first["margin"]) == (
+        "24+48 = 72", "24+48 = 82", "step_dpo", 1.0,
+    )
+    assert dataset[1]["margin"] is None
+
+
+def test_kto_rows(exported: tuple[Path, dict[str, dict]]) -> None:
+    out_dir, _ = exported
+    dataset = load_both(out_dir, "kto")
+    validate_unpaired_preference(dataset)
+    assert dataset["pair_id"] == ["pz", "pz", "pa", "pa"]
+    assert dataset["label"] == [True, False, True, False]
+    assert dataset["completion"][:2] == ["24+48 = 72", "24+48 = 82"]
+    assert {"chosen", "rejected"}.isdisjoint(dataset.column_names)
+
+
+def test_bad_pairs_are_skipped(tmp_path: Path) -> None:
+    tables = build_tables()
+    tables["pairs"] = to_arrow(
+        "pairs",
+        [
+            _pair("p-empty", "p1", "sibling", "Q", "", "x", None),
+            _pair("p-same", "p1", "sibling", "Q", "x", "x", 0.0),
+            _pair("p-good", "p1", "sibling", "Q", "x", "y", 0.5),
+        ],
+    )
+    summaries = run_export(tmp_path, tables, formats=["dpo", "kto"])
+    assert summaries["dpo"]["rows"] == 1
+    assert summaries["dpo"]["skipped"] == {"empty_text": 1, "identical_sides": 1}
+    assert summaries["kto"] == {**summaries["kto"], "rows": 2, "skipped": summaries["dpo"]["skipped"]}
+
+
+def test_dataset_card(exported: tuple[Path, dict[str, dict]]) -> None:
+    out_dir, _ = exported
+    card = (out_dir / "README.md").read_text(encoding="utf-8")
+    for line in [
+        "| `prm_stepwise` | `stepwise_supervision` | 3 | unlabelled_step: 1 |",
+        "| `math_shepherd` | `math_shepherd` | 3 |",
+        "| `dpo` | `preference` | 2 | none |",
+        "| `kto` | `unpaired_preference` | 4 | none |",
+        f"Label policy: `{POLICY}`",
+        "Neutral steps (label `0`): mapped to `False`",
+        "  data_files: dpo.parquet",
+    ]:
+        assert line in card
+
+
+def test_card_configs_load_with_load_dataset(exported: tuple[Path, dict[str, dict]]) -> None:
+    out_dir, _ = exported
+    dataset = datasets.load_dataset(str(out_dir), "kto", split="train")
+    assert dataset.num_rows == 4
+
+
+def test_only_requested_formats_are_written(tmp_path: Path) -> None:
+    empty = {table: to_arrow(table, []) for table in ("problems", "rollouts", "nodes", "labels")}
+    summaries = run_export(tmp_path, {**empty, "pairs": build_tables()["pairs"]}, formats=["dpo"], parquet=False)
+    assert list(summaries) == ["dpo"]
+    assert summaries["dpo"]["parquet_path"] is None
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["README.md", "dpo"]
+
+
+def test_empty_inputs_give_empty_typed_datasets(tmp_path: Path) -> None:
+    tables = {table: to_arrow(table, []) for table in ("problems", "rollouts", "nodes", "labels", "pairs")}
+    summaries = run_export(tmp_path, tables)
+    assert {name: summary["rows"] for name, summary in summaries.items()} == dict.fromkeys(summaries, 0)
+    dataset = datasets.load_from_disk(str(tmp_path / "prm_stepwise"))
+    assert dataset.features["labels"].feature.dtype == "bool"
+
+
+def test_conflicting_labels_for_one_node_are_refused(tmp_path: Path) -> None:
+    tables = build_tables()
+    extra = to_arrow(
+        "labels",
+        [{"node_id": "n1", "problem_id": "p1", "label": -1, "value": 0.0, "confidence": 0.9, "reason": "mc",
+          "policy": "other@1"}],
+    )
+    tables["labels"] = pa.concat_tables([tables["labels"], extra])
+    with pytest.raises(ValueError, match=r"conflicting rows for node_ids \['n1'\]"):
+        run_export(tmp_path, tables, formats=["prm_stepwise"])
+
+
+def test_config_needs_an_output(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="at least one of parquet and save_to_disk"):
+        ExportConfig(out_dir=tmp_path, parquet=False, save_to_disk=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The exported preference data trains with TRL as is.
+
+
+def _tiny_model_and_tokenizer(texts: list[str]) -> tuple[Any, Any]:
+    """A randomly initialised one-layer Llama and a word-level tokenizer trained on ``texts``; no hub."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    special_tokens = ["[UNK]", "[PAD]", "[EOS]"]
+    word_level = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    word_level.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=special_tokens))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_level, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]"
+    )
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+    )
+    return LlamaForCausalLM(config), tokenizer
+
+
+def _texts(dataset: datasets.Dataset, columns: list[str]) -> list[str]:
+    return [row[column] for row in dataset for column in columns]
+
+
+@pytest.mark.slow
+def test_dpo_trainer_takes_a_step_on_exported_pairs(exported: tuple[Path, dict[str, dict]], tmp_path: Path) -> None:
+    from trl import DPOConfig, DPOTrainer
+
+    out_dir, _ = exported
+    train_dataset = datasets.load_from_disk(str(out_dir / "dpo"))
+    model, tokenizer = _tiny_model_and_tokenizer(_texts(train_dataset, ["prompt", "chosen", "rejected"]))
+    args = DPOConfig(
+        output_dir=str(tmp_path / "dpo-run"), max_steps=1, per_device_train_batch_size=2, report_to=[],
+        use_cpu=True, bf16=False, activation_checkpointing=False, logging_steps=1, save_strategy="no",
+        dataloader_num_workers=0,
+    )
+    # The reference model is passed in: left out, TRL would reload it by name from the hub.
+    trainer = DPOTrainer(
+        model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=train_dataset,
+        processing_class=tokenizer,
+    )
+    result = trainer.train()
+    assert trainer.state.global_step == 1
+    assert math.isfinite(result.training_loss)
+    assert math.isfinite(trainer.state.log_history[0]["loss"])
+
+
+@pytest.mark.slow
+def test_kto_trainer_takes_a_step_on_exported_unpaired_data(
+    exported: tuple[Path, dict[str, dict]], tmp_path: Path
+) -> None:
+    from trl import KTOConfig, KTOTrainer
+
+    out_dir, _ = exported
+    train_dataset = datasets.load_from_disk(str(out_dir / "kto"))
+    validate_unpaired_preference(train_dataset)
+    model, tokenizer = _tiny_model_and_tokenizer(_texts(train_dataset, ["prompt", "completion"]))
+    args = KTOConfig(
+        output_dir=str(tmp_path / "kto-run"), max_steps=1, per_device_train_batch_size=2, report_to=[],
+        use_cpu=True, bf16=False, activation_checkpointing=False, logging_steps=1, save_strategy="no",
+        dataloader_num_workers=0,
+    )
+    trainer = KTOTrainer(
+        model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=train_dataset,
+        processing_class=tokenizer,
+    )
+    result = trainer.train()
+    assert trainer.state.global_step == 1
+    assert math.isfinite(result.training_loss)
