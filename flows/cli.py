@@ -21,6 +21,8 @@ def _quiet_prefect(verbose: bool) -> None:
     # Prefect reads its settings at import: set before the flow module is imported.
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
     os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+    # The ephemeral API's default 20 s start-up limit is too short for a busy 2-core machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
 @app.command()
@@ -49,6 +51,9 @@ def run(
         cfg = RunConfig.model_validate({**cfg.model_dump(), **{k: v.model_dump() for k, v in updates.items()}})
     console.print(Panel.fit(f"run [bold]{cfg.run}[/] · model {cfg.backend.model} · store {cfg.store.resolve()}"))
     set_reporter(RichReporter(console))
+    import datasets
+
+    datasets.disable_progress_bars()  # our own bars say what is happening; theirs repeat per file
     result = synthesize(cfg.model_dump(mode="json"))
     print_summary(cfg.store, cfg.run, result)
 

@@ -82,9 +82,9 @@ def _write(ctx: RunContext, stage: str, key: str, records: Iterable[Record], inp
     if ctx._client is not None:
         after = ctx._client.stats.as_dict()
         before = client_before or {}
-        stats["generation"] = {
-            k: after[k] - before.get(k, 0) for k in ("samples", "cache_hits", "generated", "generated_tokens", "failures")
-        }
+        delta = {k: after[k] - before.get(k, 0) for k in ("samples", "cache_hits", "generated", "generated_tokens", "failures")}
+        if delta["samples"]:
+            stats["generation"] = delta
     stats["reject_reasons"] = dict(Counter(r.reason for r in grouped.get("rejects", []) if isinstance(r, Reject)))
     stats["seconds"] = round(time.perf_counter() - started, 3)
     return ctx.store.write_shard(ctx.run, stage, key, grouped, inputs=inputs, stats=stats)
@@ -206,12 +206,19 @@ def export_run(ctx: RunContext) -> list[dict]:
             pairs=store.read("pairs", stage_manifests["pairs"]),
         )
     )
-    write_json_atomic(ctx.store.root / "runs" / f"{run}.exports.json", summaries)
     return summaries
 
 
-def record_run(ctx: RunContext, status: str) -> None:
-    path = ctx.store.root / "runs" / f"{ctx.run}.json"
-    write_json_atomic(
-        path, {"run": ctx.run, "created_at": time.time(), "status": status, "config": ctx.config.model_dump(mode="json")}
-    )
+def record_run(ctx: RunContext, status: str, exports: list[dict] | None = None) -> dict:
+    """The run's record: config, status, exported datasets, and this process's generation counts.
+
+    ``stepforge export`` re-reads the config from it; the counts say what the last invocation
+    paid for (generated) and replayed (cache_hits).
+    """
+    record = {
+        "run": ctx.run, "created_at": time.time(), "status": status,
+        "config": ctx.config.model_dump(mode="json"), "exports": exports or [],
+        "generation": ctx._client.stats.as_dict() if ctx._client else {},
+    }
+    write_json_atomic(ctx.store.root / "runs" / f"{ctx.run}.json", record)
+    return record

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from prefect import flow, task
-from prefect.filesystems import LocalFileSystem
 
 from stepforge.flows import shards
 from stepforge.flows.config import RunConfig
@@ -76,9 +75,9 @@ def export_task(config: dict) -> list[dict]:
 
 def _cached(task_fn, ctx: shards.RunContext):
     """The task with a persisted, explicitly keyed result under the run's store."""
-    storage = LocalFileSystem(basepath=str(ctx.store.root / "prefect-results"))
+    # A Path (not an unsaved block) is Prefect's way to say "local directory" without a server-side block.
     return task_fn.with_options(
-        cache_key_fn=_key_from_parameters, persist_result=True, result_storage=storage,
+        cache_key_fn=_key_from_parameters, persist_result=True, result_storage=ctx.store.root / "prefect-results",
     )
 
 
@@ -97,6 +96,5 @@ def synthesize(config: dict) -> dict:
         label_m = consensus_t(config, shards.consensus_key(ctx, mc_m["shard"]), mc_m)
         pairs_t(config, shards.pairs_key(ctx, label_m["shard"]), problem_shard, rollout_m, mc_m, label_m)
     exports = export_task(config)
-    shards.record_run(ctx, "completed")
-    client_stats = ctx._client.stats.as_dict() if ctx._client else {}
-    return {"run": ctx.run, "store": str(ctx.store.root), "exports": exports, "generation": client_stats}
+    record = shards.record_run(ctx, "completed", exports)
+    return {"run": ctx.run, "store": str(ctx.store.root), "exports": exports, "generation": record["generation"]}

@@ -60,6 +60,15 @@ class Catalog:
         manifests = self.store.manifests()
         con = self.con
         con.execute("BEGIN")
+        try:
+            self._fill(manifests, run)
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        con.execute("COMMIT")
+
+    def _fill(self, manifests, run: str | None) -> None:
+        con = self.con
         con.execute(
             "CREATE OR REPLACE TABLE shards (run VARCHAR, stage VARCHAR, shard VARCHAR, "
             "tables JSON, inputs VARCHAR[], stats JSON, created_at DOUBLE)"
@@ -72,13 +81,17 @@ class Catalog:
                     for m in manifests
                 ],
             )
-        run_files = sorted((self.store.root / "runs").glob("*.json"))
-        con.execute("CREATE OR REPLACE TABLE runs (run VARCHAR, created_at DOUBLE, config JSON, status VARCHAR)")
-        for path in run_files:
+        con.execute(
+            "CREATE OR REPLACE TABLE runs (run VARCHAR, created_at DOUBLE, status VARCHAR, config JSON, exports JSON)"
+        )
+        for path in sorted((self.store.root / "runs").glob("*.json")):
             info = json.loads(path.read_text())
             con.execute(
-                "INSERT INTO runs VALUES (?, ?, ?, ?)",
-                (info["run"], info.get("created_at"), json.dumps(info.get("config", {})), info.get("status")),
+                "INSERT INTO runs VALUES (?, ?, ?, ?, ?)",
+                (
+                    info["run"], info.get("created_at"), info.get("status"),
+                    json.dumps(info.get("config", {})), json.dumps(info.get("exports", [])),
+                ),
             )
         for table in TABLES:
             files = [
@@ -87,7 +100,6 @@ class Catalog:
                 if table in m.tables and m.tables[table]["rows"] > 0 and (run is None or m.run == run)
             ]
             self._create_view(table, files)
-        con.execute("COMMIT")
 
     def _create_view(self, table: str, files: Sequence[str]) -> None:
         if files:
@@ -106,4 +118,4 @@ class Catalog:
         self.con.execute(f'CREATE OR REPLACE VIEW "{table}" AS SELECT * FROM "_empty_{table}"')
 
     def query(self, sql: str, params: Sequence | None = None) -> pa.Table:
-        return self.con.execute(sql, params or []).fetch_arrow_table()
+        return self.con.sql(sql, params=params).to_arrow_table()
