@@ -21,6 +21,7 @@ def _quiet_prefect(verbose: bool) -> None:
     # Prefect reads its settings at import: set before the flow module is imported.
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
     os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network to send it to
     # The ephemeral API's default 20 s start-up limit is too short for a busy 2-core machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
@@ -50,11 +51,15 @@ def run(
     if updates:
         cfg = RunConfig.model_validate({**cfg.model_dump(), **{k: v.model_dump() for k, v in updates.items()}})
     console.print(Panel.fit(f"run [bold]{cfg.run}[/] · model {cfg.backend.model} · store {cfg.store.resolve()}"))
-    set_reporter(RichReporter(console))
     import datasets
 
     datasets.disable_progress_bars()  # our own bars say what is happening; theirs repeat per file
-    result = synthesize(cfg.model_dump(mode="json"))
+    with RichReporter(console) as reporter:
+        previous = set_reporter(reporter)
+        try:
+            result = synthesize(cfg.model_dump(mode="json"))
+        finally:
+            set_reporter(previous)
     print_summary(cfg.store, cfg.run, result)
 
 
@@ -136,7 +141,7 @@ def export(
 ) -> None:
     """Re-export a run's stored labels and pairs as datasets, without generating anything."""
     from stepforge.flows.config import RunConfig
-    from stepforge.flows.shards import RunContext, export_run
+    from stepforge.flows.shards import RunContext, completed_chains, export_run
     from stepforge.stages.export import ExportConfig
 
     run_file = Path(store) / "runs" / f"{run_name}.json"
@@ -148,7 +153,10 @@ def export(
         data["export"] = ExportConfig(**{**(data.get("export") or {}), "out_dir": str(out)}).model_dump()
     ctx = RunContext(RunConfig.model_validate(data))
     try:
-        for summary in export_run(ctx):
+        chains, incomplete = completed_chains(ctx)
+        if incomplete:
+            console.print(f"[yellow]{incomplete} problem shard(s) are not fully labelled yet and are left out[/]")
+        for summary in export_run(ctx, chains):
             console.print(f"{summary['dataset']}: {summary['rows']} rows → {summary['path']}")
     finally:
         ctx.close()

@@ -29,18 +29,24 @@ class RichReporter(Reporter):
             console=self.console, transient=False,
         )
 
+    def __enter__(self) -> "RichReporter":
+        """One live display for the whole run: every tracked step becomes a bar in it."""
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
     @contextmanager
     def track(self, description: str, total: int | None) -> Iterator[Callable[[int], None]]:
         task = self.progress.add_task(description, total=total)
-        self.progress.start()
         try:
             yield lambda advance=1: self.progress.advance(task, advance)
         finally:
             self.progress.update(task, completed=self.progress.tasks[task].total or self.progress.tasks[task].completed)
-            self.progress.stop()
 
     def log(self, message: str) -> None:
-        self.console.print(message)
+        self.progress.console.print(message)
 
 
 _current: Reporter = Reporter()

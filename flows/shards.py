@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -105,7 +105,7 @@ def ingest_shards(ctx: RunContext) -> list[ShardManifest]:
     manifests = []
     for start in range(0, len(problems), cfg.shard_size):
         chunk = problems[start : start + cfg.shard_size]
-        key = content_hash("ingest", ingest.VERSION, [p.problem_id for p in chunk])
+        key = content_hash("ingest", ingest.VERSION, [p.model_dump() for p in chunk])
         manifest = ctx.store.manifest(ctx.run, "ingest", key)
         if manifest is None:
             manifest = ctx.store.write_shard(ctx.run, "ingest", key, {"problems": chunk, "rejects": []})
@@ -120,12 +120,17 @@ def ingest_shards(ctx: RunContext) -> list[ShardManifest]:
 
 
 # -- keys --------------------------------------------------------------------------------
+def _engine(ctx: RunContext) -> tuple[str, int]:
+    """What of the engine shapes a shard's rows: the weights, and the context size (what fits)."""
+    return ctx.model_id, ctx.config.backend.n_ctx
+
+
 def rollout_key(ctx: RunContext, problem_shard: str) -> str:
-    return content_hash("rollout", rollout.VERSION, problem_shard, ctx.model_id, ctx.config.rollout.model_dump())
+    return content_hash("rollout", rollout.VERSION, problem_shard, _engine(ctx), ctx.config.rollout.model_dump())
 
 
 def mc_label_key(ctx: RunContext, rollout_shard: str) -> str:
-    return content_hash("mc_label", mc_label.VERSION, rollout_shard, ctx.model_id, ctx.config.mc_label.model_dump())
+    return content_hash("mc_label", mc_label.VERSION, rollout_shard, _engine(ctx), ctx.config.mc_label.model_dump())
 
 
 def consensus_key(ctx: RunContext, mc_shard: str) -> str:
@@ -134,6 +139,33 @@ def consensus_key(ctx: RunContext, mc_shard: str) -> str:
 
 def pairs_key(ctx: RunContext, label_shard: str) -> str:
     return content_hash("pairs", pairs.VERSION, label_shard, ctx.config.pairs.model_dump())
+
+
+def chain_keys(ctx: RunContext, problem_shard: str) -> dict[str, str]:
+    """The key of every stage's shard downstream of one problem shard, under this run's config."""
+    keys = {"rollout": rollout_key(ctx, problem_shard)}
+    keys["mc_label"] = mc_label_key(ctx, keys["rollout"])
+    keys["consensus"] = consensus_key(ctx, keys["mc_label"])
+    keys["pairs"] = pairs_key(ctx, keys["consensus"])
+    return keys
+
+
+def completed_chains(ctx: RunContext) -> tuple[list[dict[str, ShardManifest]], int]:
+    """The complete shard chains of the current config (ingest → pairs), and how many are incomplete.
+
+    Shards an earlier config of the same run left behind are not part of any chain, so an
+    export never mixes label policies or counts a problem twice.
+    """
+    chains, incomplete = [], 0
+    for problem_shard in ingest_shards(ctx):
+        chain = {"ingest": problem_shard}
+        for stage, key in chain_keys(ctx, problem_shard.shard).items():
+            chain[stage] = ctx.store.manifest(ctx.run, stage, key)
+        if all(chain.values()):
+            chains.append(chain)
+        else:
+            incomplete += 1
+    return chains, incomplete
 
 
 # -- stages over one shard ---------------------------------------------------------------
@@ -188,25 +220,37 @@ def pairs_shard(
     return _write(ctx, "pairs", key, records, [label_manifest.shard])
 
 
+def run_chain(ctx: RunContext, problem_shard: ShardManifest) -> dict[str, ShardManifest]:
+    """Every stage over one problem shard, without Prefect (benchmarks, other executors)."""
+    keys = chain_keys(ctx, problem_shard.shard)
+    chain = {"ingest": problem_shard}
+    chain["rollout"] = rollout_shard(ctx, keys["rollout"], problem_shard)
+    chain["mc_label"] = mc_label_shard(ctx, keys["mc_label"], problem_shard, chain["rollout"])
+    chain["consensus"] = consensus_shard(ctx, keys["consensus"], chain["mc_label"])
+    chain["pairs"] = pairs_shard(
+        ctx, keys["pairs"], problem_shard, chain["rollout"], chain["mc_label"], chain["consensus"]
+    )
+    return chain
+
+
 # -- export ------------------------------------------------------------------------------
-def export_run(ctx: RunContext) -> list[dict]:
-    """Every complete shard of the run, exported as datasets (re-runnable: it only reads)."""
-    store, run = ctx.store, ctx.run
-    stage_manifests = defaultdict(list)
-    for manifest in store.manifests(run=run):
-        stage_manifests[manifest.stage].append(manifest)
-    tree = stage_manifests["rollout"] + stage_manifests["mc_label"]
-    summaries = list(
+def export_run(ctx: RunContext, chains: list[dict[str, ShardManifest]]) -> list[dict]:
+    """The datasets of the given shard chains (export only reads: re-runnable at will)."""
+    store = ctx.store
+
+    def read(table: str, *stages: str):
+        return store.read(table, [chain[stage] for chain in chains for stage in stages])
+
+    return list(
         export.run(
             ctx.config.export,
-            problems=store.read("problems", stage_manifests["ingest"]),
-            rollouts=store.read("rollouts", tree),
-            nodes=store.read("nodes", tree),
-            labels=store.read("labels", stage_manifests["consensus"]),
-            pairs=store.read("pairs", stage_manifests["pairs"]),
+            problems=read("problems", "ingest"),
+            rollouts=read("rollouts", "rollout", "mc_label"),
+            nodes=read("nodes", "rollout", "mc_label"),
+            labels=read("labels", "consensus"),
+            pairs=read("pairs", "pairs"),
         )
     )
-    return summaries
 
 
 def record_run(ctx: RunContext, status: str, exports: list[dict] | None = None) -> dict:

@@ -34,7 +34,8 @@ def _manifest(data: dict) -> ShardManifest:
 
 
 def _key_from_parameters(_context, parameters: dict) -> str:
-    return parameters["key"]
+    # Shard keys are content hashes; the run name partitions the store, so it partitions the cache too.
+    return f"{parameters['config']['run']}-{parameters['key']}"
 
 
 @task(name="rollout")
@@ -69,8 +70,9 @@ def ingest_task(config: dict) -> list[dict]:
 
 
 @task(name="export")
-def export_task(config: dict) -> list[dict]:
-    return shards.export_run(_context(config))
+def export_task(config: dict, chains: list[dict[str, dict]]) -> list[dict]:
+    loaded = [{stage: _manifest(m) for stage, m in chain.items()} for chain in chains]
+    return shards.export_run(_context(config), loaded)
 
 
 def _cached(task_fn, ctx: shards.RunContext):
@@ -86,15 +88,24 @@ def synthesize(config: dict) -> dict:
     """Run every stage over every shard of the configured problems; return a summary of the run."""
     ctx = _context(config)
     shards.record_run(ctx, "running")
-    problem_shards = ingest_task(config)
-    rollout_t, mc_t, consensus_t, pairs_t = (
-        _cached(t, ctx) for t in (rollout_task, mc_label_task, consensus_task, pairs_task)
-    )
-    for problem_shard in problem_shards:
-        rollout_m = rollout_t(config, shards.rollout_key(ctx, problem_shard["shard"]), problem_shard)
-        mc_m = mc_t(config, shards.mc_label_key(ctx, rollout_m["shard"]), problem_shard, rollout_m)
-        label_m = consensus_t(config, shards.consensus_key(ctx, mc_m["shard"]), mc_m)
-        pairs_t(config, shards.pairs_key(ctx, label_m["shard"]), problem_shard, rollout_m, mc_m, label_m)
-    exports = export_task(config)
+    try:
+        problem_shards = ingest_task(config)
+        rollout_t, mc_t, consensus_t, pairs_t = (
+            _cached(t, ctx) for t in (rollout_task, mc_label_task, consensus_task, pairs_task)
+        )
+        chains = []
+        for problem_shard in problem_shards:
+            keys = shards.chain_keys(ctx, problem_shard["shard"])
+            rollout_m = rollout_t(config, keys["rollout"], problem_shard)
+            mc_m = mc_t(config, keys["mc_label"], problem_shard, rollout_m)
+            label_m = consensus_t(config, keys["consensus"], mc_m)
+            pairs_m = pairs_t(config, keys["pairs"], problem_shard, rollout_m, mc_m, label_m)
+            chains.append(
+                {"ingest": problem_shard, "rollout": rollout_m, "mc_label": mc_m, "consensus": label_m, "pairs": pairs_m}
+            )
+        exports = export_task(config, chains)
+    except BaseException:
+        shards.record_run(ctx, "failed")
+        raise
     record = shards.record_run(ctx, "completed", exports)
     return {"run": ctx.run, "store": str(ctx.store.root), "exports": exports, "generation": record["generation"]}

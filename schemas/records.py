@@ -83,7 +83,9 @@ class Rollout(Record):
     text: str = Field(description="Generated text only (the prefix is not repeated).")
     final_answer: str | None
     outcome: bool | None = Field(description="Final answer checked against gold; None if unchecked.")
-    outcome_reason: str = Field(description="correct / wrong / no_answer / empty_generation / ...")
+    outcome_reason: str = Field(
+        description="correct / wrong / no_answer / unparseable_answer / unparseable_gold / verify_timeout / verify_error."
+    )
     finish_reason: str = Field(description="stop / length, from the backend.")
     num_tokens: int = Field(ge=0)
     model: str
@@ -178,7 +180,7 @@ class Pair(Record):
     TABLE: ClassVar[str] = "pairs"
     pair_id: str
     problem_id: str
-    kind: str = Field(description="step_dpo / sibling / trajectory.")
+    kind: str = Field(description="How the pair was built; 'step_dpo' (first error vs a correct next step).")
     prompt: str = Field(description="Problem plus the shared correct prefix.")
     chosen: str
     rejected: str

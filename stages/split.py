@@ -13,8 +13,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SplitMode = Literal["blank_line", "newline", "step_prefix", "regex"]
+SplitMode = Literal["blank_line", "newline", "step_prefix", "numbered", "regex"]
 _STEP_PREFIX = re.compile(r"(?im)^\s*(?:#+\s*)?\**step\s*\d+\s*[:.)]\**\s*")
+# A blank line, or a line break before a numbered item ("2. ", "3) ", "**Step 4", "### 5.").
+_NUMBERED = re.compile(r"\n[ \t]*\n+|\n(?=[ \t]*(?:#+[ \t]*)?\**(?:step[ \t]*)?\d+[.):])", re.IGNORECASE)
 
 
 class SplitConfig(BaseModel):
@@ -23,7 +25,8 @@ class SplitConfig(BaseModel):
     mode: SplitMode = Field(
         default="blank_line",
         description="blank_line: steps separated by an empty line; newline: one step per line; "
-        "step_prefix: steps introduced by 'Step k:'; regex: split on `pattern`.",
+        "step_prefix: steps introduced by 'Step k:'; numbered: blank lines or numbered items "
+        "('1.', 'Step 2:'), as instruct models write; regex: split on `pattern`.",
     )
     pattern: str | None = Field(default=None, description="Regex separating steps when mode is 'regex'.")
     max_steps: int = Field(default=40, ge=1, description="Later steps are merged into the last one.")
@@ -41,6 +44,8 @@ def split_steps(text: str, config: SplitConfig) -> list[str]:
         parts = text.split("\n")
     elif config.mode == "step_prefix":
         parts = _STEP_PREFIX.split(text)
+    elif config.mode == "numbered":
+        parts = _NUMBERED.split(text)
     else:
         if not config.pattern:
             raise ValueError("split mode 'regex' needs a pattern")

@@ -164,3 +164,26 @@ def test_query_command_prints_sql_results(finished_run):
     printed = {json.loads(line)["reason"]: json.loads(line)["n"] for line in out.output.splitlines()}
     for reason, n in EXPECTED_INGEST_REJECTS.items():
         assert printed[reason] >= n
+
+
+def test_another_run_name_on_the_same_store_gets_its_own_shards_from_the_cache(finished_run):
+    from stepforge.flows.synthesize import synthesize
+
+    cfg, first, catalog = finished_run
+    other = cfg.model_copy(update={"run": "t-copy"})
+    result = synthesize(RunConfig.model_validate(other.model_dump()).model_dump(mode="json"))
+    assert result["generation"]["generated"] == 0 and result["generation"]["cache_hits"] > 0, "replayed, not regenerated"
+    stages = {m.stage for m in catalog.store.manifests(run="t-copy")}
+    assert stages == {"ingest", "rollout", "mc_label", "consensus", "pairs"}
+    assert {e["dataset"]: e["rows"] for e in result["exports"]} == {e["dataset"]: e["rows"] for e in first["exports"]}
+
+
+def test_changing_the_label_policy_relabels_without_generating(finished_run):
+    from stepforge.flows.synthesize import synthesize
+
+    cfg, first, catalog = finished_run
+    soft = RunConfig.model_validate({**cfg.model_dump(), "consensus": {"policy": "mc_soft"}})
+    result = synthesize(soft.model_dump(mode="json"))
+    assert result["generation"].get("samples", 0) == 0, "rollout and mc_label shards are reused as they are"
+    prm = datasets.load_from_disk({e["dataset"]: e for e in result["exports"]}["prm_stepwise"]["path"])
+    assert set(prm["label_policy"]) == {"mc_soft@1"}, "the export holds only the current policy's labels"

@@ -137,7 +137,10 @@ class ClientStats:
 
 
 class GenerationError(RuntimeError):
-    """A backend failed on a request after its own retries; callers turn it into a reject row."""
+    """A backend failed on a sample (the message names the cause); callers turn it into a
+    ``generation_failed`` reject row and go on. Backends that can fail transiently retry
+    inside ``generate`` before raising; llama.cpp's failures (a prompt that does not fit)
+    are deterministic and raised at once."""
 
 
 class GenerationClient:
