@@ -68,6 +68,7 @@ def test_step_dpo_pair_at_first_error_with_a_correct_continuation_of_the_same_pr
     assert pair.rejected == "24+48 = 82" and pair.chosen == "24+48 = 72"
     assert pair.prompt == "Q?\n\n48/2 = 24\n\n"
     assert pair.prefix_node_id == policy_ids[0] and pair.rejected_value == 0.0
+    assert (pair.chosen_value, pair.margin) == (1.0, 1.0), "one of one continuations through the chosen step succeeded"
 
 
 def test_first_step_error_uses_a_correct_policy_rollout_and_missing_alternatives_are_rejects():
@@ -109,3 +110,23 @@ def test_regex_mode_needs_a_pattern_and_max_steps_merges_the_tail():
     with pytest.raises(ValueError):
         split_steps("a", SplitConfig(mode="regex"))
     assert split_steps("a;b;c;d", SplitConfig(mode="regex", pattern=";", max_steps=2)) == ["a", "b\n\nc\n\nd"]
+
+
+def test_the_best_evidenced_alternative_is_chosen_and_policy_rollouts_count_as_continuations():
+    wrong = ("a", "b-wrong", "end 1")
+    rare = ("a", "b-rare", "end 72")
+    sure = ("a", "b-sure", "end 72")
+    wrong_ids, rare_ids, sure_ids = path(*wrong), path(*rare), path(*sure)
+    tree_nodes = nodes_for(wrong, rare, sure)
+    rollouts = [
+        rollout("p1", wrong_ids, False),
+        rollout("p2", sure_ids, True),  # a policy rollout through the same prefix "a"
+        rollout("m1", rare_ids, True, origin="mc", prefix=wrong_ids[0]),
+        rollout("m2", rare_ids[:2] + [node_id("p", rare_ids[1], "end 5")], False, origin="mc", prefix=wrong_ids[0]),
+        rollout("m3", sure_ids, True, origin="mc", prefix=wrong_ids[0]),
+    ]
+    labels = [{"node_id": wrong_ids[0], "value": 0.6}, {"node_id": wrong_ids[1], "value": 0.0},
+              {"node_id": wrong_ids[2], "value": 0.0}]
+    out = [p for p in pairs.run([PROBLEM], rollouts, tree_nodes, labels, pairs.PairsConfig()) if isinstance(p, Pair)]
+    assert len(out) == 1
+    assert (out[0].chosen, out[0].chosen_value) == ("b-sure", 1.0), "2/2 beats 1/2"
