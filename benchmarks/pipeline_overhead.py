@@ -8,6 +8,7 @@
    not the model: cache reads, step splitting, hashing, answer checks, Parquet writes.
 
 Usage: python benchmarks/pipeline_overhead.py [--problems 6] [--rollouts 3] [--k 4] [--replays 3]
+       [--store DIR (kept; a second call replays its cache)] [--profile (cProfile of one replay)]
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "gsm8k_sa
 
 def run_stages(ctx: shards.RunContext) -> int:
     """All per-shard stages over every problem shard; returns the number of labels written."""
-    return sum(shards.run_chain(ctx, shard)["consensus"].rows("labels") for shard in shards.ingest_shards(ctx))
+    return sum(shards.run_chain(ctx, shard)["consensus"].rows("labels") for shard in shards.ingest_shards(ctx)[0])
 
 
 def main() -> None:
@@ -36,9 +37,11 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--max-in-flight", type=int, default=32)
     parser.add_argument("--replays", type=int, default=3)
+    parser.add_argument("--store", type=Path, default=None, help="Keep the store (and its cache) here.")
+    parser.add_argument("--profile", action="store_true", help="Print a cProfile of one more replay.")
     args = parser.parse_args()
 
-    root = Path(tempfile.mkdtemp(prefix="stepforge-bench-"))
+    root = args.store.resolve() if args.store else Path(tempfile.mkdtemp(prefix="stepforge-bench-"))
     config = RunConfig.model_validate({
         "run": "bench", "store": str(root), "shard_size": args.problems,
         "backend": {"model": "smollm2-135m", "n_ctx": 2048, "max_in_flight": args.max_in_flight},
@@ -50,6 +53,8 @@ def main() -> None:
     ctx = shards.RunContext(config)
     client = ctx.client()  # loads the model before anything is timed
 
+    for folder in ("data", "markers"):  # a kept store starts from its cache, never from old shards
+        shutil.rmtree(root / folder, ignore_errors=True)
     wall = time.perf_counter()
     labelled = run_stages(ctx)
     wall = time.perf_counter() - wall
@@ -73,8 +78,18 @@ def main() -> None:
         per_step.append(cpu / replayed * 1000)
     print(f"replay from cache: pipeline CPU per labelled step {min(per_step):.3f} ms "
           f"(best of {args.replays}; all: {', '.join(f'{x:.3f}' for x in per_step)}; target <= 1 ms)")
+    if args.profile:
+        import cProfile
+        import pstats
+
+        for folder in ("data", "markers"):
+            shutil.rmtree(root / folder, ignore_errors=True)
+        profiler = cProfile.Profile()
+        profiler.runcall(run_stages, ctx)
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(45)
     ctx.close()
-    shutil.rmtree(root, ignore_errors=True)
+    if args.store is None:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ def print_summary(store: Path, run_name: str, result: dict) -> None:
     from stepforge.storage.catalog import Catalog
 
     with Catalog(store) as catalog:
-        catalog.refresh(run=run_name)
+        catalog.refresh(run=run_name, shards=set(result["shards"]))
         q = lambda sql: catalog.query(sql).to_pylist()  # noqa: E731
         rollouts = q("select count(*) n, avg(outcome::int) acc from rollouts where origin = 'policy'")[0]
         labels = q("select label, count(*) n from labels group by 1 order by 1 desc")

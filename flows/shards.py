@@ -95,8 +95,8 @@ def _problems(ctx: RunContext, shard: ShardManifest) -> list[Problem]:
 
 
 # -- ingest ------------------------------------------------------------------------------
-def ingest_shards(ctx: RunContext) -> list[ShardManifest]:
-    """Problem shards of ``shard_size`` problems each (keyed by their problem ids), plus a rejects shard."""
+def ingest_shards(ctx: RunContext) -> tuple[list[ShardManifest], ShardManifest]:
+    """Problem shards of ``shard_size`` problems each (keyed by their content), and the rejects shard."""
     cfg = ctx.config
     problems: list[Problem] = []
     rejects: list[Reject] = []
@@ -110,13 +110,12 @@ def ingest_shards(ctx: RunContext) -> list[ShardManifest]:
         if manifest is None:
             manifest = ctx.store.write_shard(ctx.run, "ingest", key, {"problems": chunk, "rejects": []})
         manifests.append(manifest)
-    reject_key = content_hash("ingest-rejects", ingest.VERSION, [(r.item, r.reason) for r in rejects])
-    if ctx.store.manifest(ctx.run, "ingest", reject_key) is None:
-        ctx.store.write_shard(
-            ctx.run, "ingest", reject_key, {"problems": [], "rejects": rejects},
-            stats={"reject_reasons": dict(Counter(r.reason for r in rejects))},
-        )
-    return manifests
+    reject_key = content_hash("ingest-rejects", ingest.VERSION, [r.model_dump() for r in rejects])
+    reject_manifest = ctx.store.manifest(ctx.run, "ingest", reject_key) or ctx.store.write_shard(
+        ctx.run, "ingest", reject_key, {"problems": [], "rejects": rejects},
+        stats={"reject_reasons": dict(Counter(r.reason for r in rejects))},
+    )
+    return manifests, reject_manifest
 
 
 # -- keys --------------------------------------------------------------------------------
@@ -157,7 +156,7 @@ def completed_chains(ctx: RunContext) -> tuple[list[dict[str, ShardManifest]], i
     export never mixes label policies or counts a problem twice.
     """
     chains, incomplete = [], 0
-    for problem_shard in ingest_shards(ctx):
+    for problem_shard in ingest_shards(ctx)[0]:
         chain = {"ingest": problem_shard}
         for stage, key in chain_keys(ctx, problem_shard.shard).items():
             chain[stage] = ctx.store.manifest(ctx.run, stage, key)

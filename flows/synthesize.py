@@ -65,8 +65,9 @@ def pairs_task(config: dict, key: str, problem_shard: dict, rollout_shard: dict,
 
 
 @task(name="ingest")
-def ingest_task(config: dict) -> list[dict]:
-    return [asdict(m) for m in shards.ingest_shards(_context(config))]
+def ingest_task(config: dict) -> tuple[list[dict], dict]:
+    problem_shards, reject_shard = shards.ingest_shards(_context(config))
+    return [asdict(m) for m in problem_shards], asdict(reject_shard)
 
 
 @task(name="export")
@@ -89,7 +90,7 @@ def synthesize(config: dict) -> dict:
     ctx = _context(config)
     shards.record_run(ctx, "running")
     try:
-        problem_shards = ingest_task(config)
+        problem_shards, reject_shard = ingest_task(config)
         rollout_t, mc_t, consensus_t, pairs_t = (
             _cached(t, ctx) for t in (rollout_task, mc_label_task, consensus_task, pairs_task)
         )
@@ -108,4 +109,7 @@ def synthesize(config: dict) -> dict:
         shards.record_run(ctx, "failed")
         raise
     record = shards.record_run(ctx, "completed", exports)
-    return {"run": ctx.run, "store": str(ctx.store.root), "exports": exports, "generation": record["generation"]}
+    return {
+        "run": ctx.run, "store": str(ctx.store.root), "exports": exports, "generation": record["generation"],
+        "shards": sorted({reject_shard["shard"]} | {m["shard"] for chain in chains for m in chain.values()}),
+    }

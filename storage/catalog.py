@@ -8,7 +8,7 @@ database: they only write shards and markers, and whoever wants SQL refreshes th
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import duckdb
@@ -48,10 +48,11 @@ class Catalog:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def refresh(self, run: str | None = None) -> None:
+    def refresh(self, run: str | None = None, shards: Collection[str] | None = None) -> None:
         """Rebuild ``runs``, ``shards`` and the table views from the completion markers.
 
-        With ``run`` the table views show that run only; otherwise every run.
+        With ``run`` the table views show that run only; with ``shards`` only those shard keys
+        (e.g. the chains of the current config, leaving out what an earlier config left behind).
         """
         if not self._writable:
             self.con.close()
@@ -61,13 +62,13 @@ class Catalog:
         con = self.con
         con.execute("BEGIN")
         try:
-            self._fill(manifests, run)
+            self._fill(manifests, run, shards)
         except BaseException:
             con.execute("ROLLBACK")
             raise
         con.execute("COMMIT")
 
-    def _fill(self, manifests, run: str | None) -> None:
+    def _fill(self, manifests, run: str | None, shards: Collection[str] | None) -> None:
         con = self.con
         con.execute(
             "CREATE OR REPLACE TABLE shards (run VARCHAR, stage VARCHAR, shard VARCHAR, "
@@ -97,7 +98,9 @@ class Catalog:
             files = [
                 str(self.store.root / m.tables[table]["path"])
                 for m in manifests
-                if table in m.tables and m.tables[table]["rows"] > 0 and (run is None or m.run == run)
+                if table in m.tables and m.tables[table]["rows"] > 0
+                and (run is None or m.run == run)
+                and (shards is None or m.shard in shards)
             ]
             self._create_view(table, files)
 
