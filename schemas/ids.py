@@ -27,8 +27,13 @@ def normalize_step_text(text: str) -> str:
 
 
 def node_id(problem_id: str, parent_id: str | None, step_text: str) -> str:
-    """A step's id: hash of (problem, parent, normalised text), so a step reached twice is one node."""
-    return content_hash("node", problem_id, parent_id, normalize_step_text(step_text))
+    """A step's id: hash of (problem, parent, normalised text), so a step reached twice is one node.
+
+    Hashed from a delimited string rather than through ``content_hash``'s JSON: it is computed
+    for every step of every completion, and ids never contain the separator.
+    """
+    key = f"node\x1f{problem_id}\x1f{'' if parent_id is None else parent_id}\x1f{normalize_step_text(step_text)}"
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:ID_HEX_CHARS]
 
 
 def problem_id(question: str, gold_answer: str | None) -> str:

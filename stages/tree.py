@@ -56,9 +56,15 @@ class TreeBuilder:
     ):
         self.split = split
         self.checker = checker
-        self.count_tokens = count_tokens
+        self._count_tokens = count_tokens
+        self._token_counts: dict[str, int] = {}  # the same step text recurs across completions
         self.model = model
         self.known_node_ids = known_node_ids
+
+    def count_tokens(self, text: str) -> int:
+        if (count := self._token_counts.get(text)) is None:
+            count = self._token_counts[text] = self._count_tokens(text)
+        return count
 
     def from_generation(
         self,
@@ -83,13 +89,22 @@ class TreeBuilder:
         new_nodes: list[Node] = []
         path_ids = list(prefix.node_ids)
         parent = prefix.leaf
+        encoded, cursor = generation.text.encode("utf-8"), 0
         for step in steps:
             nid = node_id(problem_id, parent, step)
+            step_bytes = step.encode("utf-8")
+            start = encoded.find(step_bytes, cursor)
+            if start >= 0:
+                cursor = start + len(step_bytes)
             if nid not in self.known_node_ids:
+                # The tokens the policy actually spent on the step; re-tokenize only when the
+                # backend did not report them (or max_steps merged steps across a separator).
+                num_tokens = generation.tokens_in(start, cursor) if start >= 0 else None
                 new_nodes.append(
                     Node(
                         node_id=nid, problem_id=problem_id, parent_id=parent, depth=len(path_ids) + 1,
-                        text=step, origin=origin, num_tokens=self.count_tokens(step),
+                        text=step, origin=origin,
+                        num_tokens=self.count_tokens(step) if num_tokens is None else num_tokens,
                     )
                 )
             path_ids.append(nid)

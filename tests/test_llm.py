@@ -125,3 +125,19 @@ def test_request_validation():
     key = chat("a", n=1).sample_key("m", 0)
     assert key == chat("a", n=8).sample_key("m", 0), "n must not change a sample's identity"
     assert key != chat("a").sample_key("m", 1) != chat("a").sample_key("other-model", 0)
+
+
+def test_step_token_counts_come_from_the_generated_tokens(smollm_backend):
+    from stepforge.stages.answers import AnswerChecker
+    from stepforge.stages.split import SplitConfig
+    from stepforge.stages.tree import PathPrefix, TreeBuilder
+
+    out = generate(GenerationClient(smollm_backend), chat("List five animals, one per line.", max_tokens=40, seed=2))[0]
+    assert sum(out.token_bytes) == len(out.text.encode("utf-8"))
+    assert out.tokens_in(0, len(out.text.encode())) == len(out.token_bytes) <= out.num_tokens
+    with AnswerChecker() as checker:
+        builder = TreeBuilder(SplitConfig(mode="newline"), checker, smollm_backend.count_tokens, "m")
+        _, nodes, _ = builder.from_generation("t", "p", "1", PathPrefix(), out, "policy", 0)
+    assert len(nodes) > 1
+    for node in nodes:  # generated tokens vs re-tokenizing the stripped step: equal up to boundary whitespace
+        assert abs(node.num_tokens - smollm_backend.count_tokens(node.text)) <= 2

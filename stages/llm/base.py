@@ -13,6 +13,7 @@ index and seed — so a crashed or repeated run replays instead of paying for to
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -66,8 +67,24 @@ class Generation:
     num_tokens: int
     finish_reason: str  # "stop" | "length"
     logprobs: tuple[float, ...] | None = None
+    # Each generated text token's length in UTF-8 bytes of ``text``, in order (None when the
+    # backend does not report tokens): a step's token count without tokenizing it again.
+    token_bytes: tuple[int, ...] | None = None
     key: str = ""
     cached: bool = False
+
+    def tokens_in(self, start: int, end: int) -> int | None:
+        """Generated tokens that start within the byte span [start, end) of ``text``."""
+        if self.token_bytes is None:
+            return None
+        count, offset = 0, 0
+        for length in self.token_bytes:
+            if offset >= end:
+                break
+            if offset >= start:
+                count += 1
+            offset += length
+        return count
 
 
 class Backend(Protocol):
@@ -191,10 +208,7 @@ class GenerationClient:
                 raise GenerationError(f"{type(exc).__name__}: {exc}") from exc
             finally:
                 self.stats.leave()
-        generation = Generation(
-            text=generation.text, num_tokens=generation.num_tokens, finish_reason=generation.finish_reason,
-            logprobs=generation.logprobs, key=key, cached=False,
-        )
+        generation = dataclasses.replace(generation, key=key, cached=False)
         self.stats.generated += 1
         self.stats.generated_tokens += generation.num_tokens
         if self.cache is not None:

@@ -23,7 +23,7 @@ class GenerationCache:
         with self._con() as con:
             con.execute(
                 "CREATE TABLE IF NOT EXISTS generations (key TEXT PRIMARY KEY, text TEXT NOT NULL, "
-                "num_tokens INTEGER NOT NULL, finish_reason TEXT NOT NULL, logprobs TEXT)"
+                "num_tokens INTEGER NOT NULL, finish_reason TEXT NOT NULL, logprobs TEXT, token_bytes TEXT)"
             )
 
     def _con(self) -> sqlite3.Connection:
@@ -37,22 +37,24 @@ class GenerationCache:
 
     def get(self, key: str) -> Generation | None:
         row = self._con().execute(
-            "SELECT text, num_tokens, finish_reason, logprobs FROM generations WHERE key = ?", (key,)
+            "SELECT text, num_tokens, finish_reason, logprobs, token_bytes FROM generations WHERE key = ?", (key,)
         ).fetchone()
         if row is None:
             return None
-        text, num_tokens, finish_reason, logprobs = row
+        text, num_tokens, finish_reason, logprobs, token_bytes = row
         return Generation(
             text=text, num_tokens=num_tokens, finish_reason=finish_reason,
-            logprobs=tuple(json.loads(logprobs)) if logprobs else None, key=key, cached=True,
+            logprobs=tuple(json.loads(logprobs)) if logprobs else None,
+            token_bytes=tuple(json.loads(token_bytes)) if token_bytes else None, key=key, cached=True,
         )
 
     def put(self, key: str, generation: Generation) -> None:
         self._con().execute(
-            "INSERT OR IGNORE INTO generations VALUES (?, ?, ?, ?, ?)",
+            "INSERT OR IGNORE INTO generations VALUES (?, ?, ?, ?, ?, ?)",
             (
                 key, generation.text, generation.num_tokens, generation.finish_reason,
                 json.dumps(generation.logprobs) if generation.logprobs is not None else None,
+                json.dumps(generation.token_bytes) if generation.token_bytes is not None else None,
             ),
         )
 

@@ -130,7 +130,15 @@ class LlamaCppBackend:
         return rendered + request.assistant_prefix
 
     def count_tokens(self, text: str) -> int:
-        return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+        """Tokens in ``text``, without materialising them.
+
+        ``Llama.tokenize`` allocates a buffer of the training context (8k-32k ids) per call,
+        ~0.1 ms; asking llama.cpp for the count alone (a zero-size buffer) is ~20x cheaper,
+        and every stored step is counted.
+        """
+        data = text.encode("utf-8")
+        needed = self._llama_cpp.llama_tokenize(self.llm._model.vocab, data, len(data), None, 0, False, False)
+        return -needed if needed < 0 else needed
 
     async def generate(self, request: GenerationRequest, seed: int) -> Generation:
         loop = asyncio.get_running_loop()
@@ -226,6 +234,7 @@ class LlamaCppBackend:
         self.llm.set_seed(seed)
         tokens: list[int] = []  # text tokens; an end-of-generation token is counted but not decoded
         generated = 0
+        token_bytes: list[int] = []  # each text token's share of the decoded bytes
         logprobs: list[float] = []
         text, finish_reason = "", "length"
         for token in self.llm.generate(
@@ -245,7 +254,9 @@ class LlamaCppBackend:
                 finish_reason = "stop"
                 break
             tokens.append(token)
-            text = self.llm.detokenize(tokens, special=False).decode("utf-8", errors="ignore")
+            raw = self.llm.detokenize(tokens, special=False)
+            token_bytes.append(len(raw) - sum(token_bytes))
+            text = raw.decode("utf-8", errors="ignore")
             if request.stop and (cut := _first_stop(text, request.stop)) is not None:
                 text, finish_reason = text[:cut], "stop"
                 break
@@ -256,6 +267,7 @@ class LlamaCppBackend:
             num_tokens=generated,
             finish_reason=finish_reason,
             logprobs=tuple(logprobs) if request.logprobs else None,
+            token_bytes=tuple(token_bytes),
         )
 
 
