@@ -2,9 +2,9 @@
 
 Thin by design: every task body is a function of ``flows.shards``. Tasks pass shard
 manifests (small dicts naming Parquet files), never data. Each task's Prefect cache key is
-the shard's content key (input shard hash + config hash + model + stage version), its result
-is persisted under the store, and the shard's own completion marker makes the work
-idempotent even outside Prefect.
+the run name plus the shard's content key (input shard hash + config hash + model + stage
+version), its result is persisted under the store, and the shard's own completion marker
+makes the work idempotent even outside Prefect.
 """
 
 from __future__ import annotations
@@ -33,9 +33,6 @@ def _manifest(data: dict) -> ShardManifest:
     return ShardManifest(**data)
 
 
-def _key_from_parameters(_context, parameters: dict) -> str:
-    # Shard keys are content hashes; the run name partitions the store, so it partitions the cache too.
-    return f"{parameters['config']['run']}-{parameters['key']}"
 
 
 @task(name="rollout")
@@ -77,10 +74,23 @@ def export_task(config: dict, chains: list[dict[str, dict]]) -> list[dict]:
 
 
 def _cached(task_fn, ctx: shards.RunContext):
-    """The task with a persisted, explicitly keyed result under the run's store."""
+    """The task with a persisted, explicitly keyed result under the run's store.
+
+    The key is ``<run>-<shard key>`` (content hashes; the run name partitions the store, so it
+    partitions the cache too), offered only while the shard's completion marker exists: a
+    cached manifest must never point at shards someone has deleted. So the first run of a
+    shard persists its result unkeyed, and Prefect serves it from its cache from the next run on.
+    """
+    stage = task_fn.name
+
+    def cache_key(_task_context, parameters: dict) -> str | None:
+        if ctx.store.manifest(ctx.run, stage, parameters["key"]) is None:
+            return None
+        return f"{ctx.run}-{parameters['key']}"
+
     # A Path (not an unsaved block) is Prefect's way to say "local directory" without a server-side block.
     return task_fn.with_options(
-        cache_key_fn=_key_from_parameters, persist_result=True, result_storage=ctx.store.root / "prefect-results",
+        cache_key_fn=cache_key, persist_result=True, result_storage=ctx.store.root / "prefect-results",
     )
 
 
