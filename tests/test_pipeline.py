@@ -187,3 +187,17 @@ def test_changing_the_label_policy_relabels_without_generating(finished_run):
     assert result["generation"].get("samples", 0) == 0, "rollout and mc_label shards are reused as they are"
     prm = datasets.load_from_disk({e["dataset"]: e for e in result["exports"]}["prm_stepwise"]["path"])
     assert set(prm["label_policy"]) == {"mc_soft@1"}, "the export holds only the current policy's labels"
+
+
+def test_prefect_serves_complete_shards_from_its_cache(finished_run):
+    from prefect.client.orchestration import get_client
+
+    from stepforge.flows.synthesize import synthesize
+
+    cfg, _, _ = finished_run
+    synthesize(cfg.model_dump(mode="json"))  # the first re-run stores keyed results ...
+    synthesize(cfg.model_dump(mode="json"))  # ... which this one is served from
+    with get_client(sync_client=True) as client:
+        states = [(run.name.split("-")[0], run.state.name) for run in client.read_task_runs(limit=200)]
+    cached_stages = {name for name, state in states if state == "Cached"}
+    assert {"rollout", "mc_label", "consensus", "pairs"} <= cached_stages, states
