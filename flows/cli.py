@@ -73,7 +73,11 @@ def print_summary(store: Path, run_name: str, result: dict) -> None:
         labels = q("select label, count(*) n from labels group by 1 order by 1 desc")
         pairs = q("select count(*) n from pairs")[0]["n"]
         rejects = q("select stage, reason, count(*) n from rejects group by all order by n desc")
-        example = q("select prompt, chosen, rejected, margin from pairs order by pair_id limit 1")
+        # Show a pair about arithmetic if there is one: it says more than a rejected preamble.
+        example = q(
+            "select prompt, chosen, rejected, margin from pairs "
+            "order by regexp_matches(rejected, '[0-9]') desc, margin desc nulls last, pair_id limit 1"
+        )
     table = Table(title=f"run {run_name}", show_header=False)
     table.add_row("policy rollouts", str(rollouts["n"]))
     table.add_row("accuracy", f"{rollouts['acc']:.1%}" if rollouts["acc"] is not None else "-")
