@@ -56,15 +56,9 @@ class TreeBuilder:
     ):
         self.split = split
         self.checker = checker
-        self._count_tokens = count_tokens
-        self._token_counts: dict[str, int] = {}  # the same step text recurs across completions
+        self.count_tokens = count_tokens
         self.model = model
         self.known_node_ids = known_node_ids
-
-    def count_tokens(self, text: str) -> int:
-        if (count := self._token_counts.get(text)) is None:
-            count = self._token_counts[text] = self._count_tokens(text)
-        return count
 
     def from_generation(
         self,
