@@ -43,7 +43,11 @@ class RichReporter(Reporter):
         try:
             yield lambda advance=1: self.progress.advance(task, advance)
         finally:
-            self.progress.update(task, completed=self.progress.tasks[task].total or self.progress.tasks[task].completed)
+            state = self.progress.tasks[task]
+            self.progress.update(task, completed=state.total or state.completed)
+            if not self.console.is_terminal:
+                # Without a terminal the live bars only appear at the very end: log each step as it ends.
+                self.progress.console.print(f"{description}: {state.completed:g}/{state.total or 0:g} in {state.elapsed or 0:.0f} s")
 
     def log(self, message: str) -> None:
         self.progress.console.print(message)
