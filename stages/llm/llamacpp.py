@@ -235,6 +235,7 @@ class LlamaCppBackend:
         tokens: list[int] = []  # text tokens; an end-of-generation token is counted but not decoded
         generated = 0
         token_bytes: list[int] = []  # each text token's share of the decoded bytes
+        decoded_bytes = 0
         logprobs: list[float] = []
         text, finish_reason = "", "length"
         for token in self.llm.generate(
@@ -255,7 +256,8 @@ class LlamaCppBackend:
                 break
             tokens.append(token)
             raw = self.llm.detokenize(tokens, special=False)
-            token_bytes.append(len(raw) - sum(token_bytes))
+            token_bytes.append(len(raw) - decoded_bytes)
+            decoded_bytes = len(raw)
             text = raw.decode("utf-8", errors="ignore")
             if request.stop and (cut := _first_stop(text, request.stop)) is not None:
                 text, finish_reason = text[:cut], "stop"
