@@ -34,7 +34,12 @@ class SamplingConfig(BaseModel):
 def build_request(
     question: str, prefix_steps: list[str], n: int, prompt: PromptConfig, split: SplitConfig, sampling: SamplingConfig
 ) -> GenerationRequest:
-    """A chat request for ``n`` solutions, continuing after ``prefix_steps`` if any."""
+    """A chat request for ``n`` solutions, continuing after ``prefix_steps`` if any.
+
+    Logprobs are requested only when the split needs them (``confidence`` mode): every stage
+    that samples builds its request here, and leaving the flag off elsewhere keeps the other
+    modes' requests, hence their cache keys, unchanged.
+    """
     messages = []
     if prompt.system:
         messages.append(("system", prompt.system))
@@ -47,4 +52,5 @@ def build_request(
         top_p=sampling.top_p,
         max_tokens=sampling.max_tokens,
         seed=sampling.seed,
+        logprobs=split.mode == "confidence",
     )

@@ -70,9 +70,26 @@ class TreeBuilder:
         origin: Origin,
         sample_index: int,
     ) -> tuple[Rollout | None, list[Node], Reject | None]:
-        """The rollout a generation makes below ``prefix``, its nodes not yet stored, or a reject."""
-        steps = split_steps(generation.text, self.split)
+        """The rollout a generation makes below ``prefix``, its nodes not yet stored, or a reject.
+
+        In ``confidence`` split mode the steps come from the generation's own logprobs and are
+        stored unstripped (ids still hash the normalised text), so the node texts along a
+        path concatenate to exactly what the policy wrote.
+        """
         rollout_id = content_hash("rollout", problem_id, prefix.leaf, generation.key)
+        if self.split.mode == "confidence" and (generation.logprobs is None or generation.token_bytes is None):
+            # A backend that does not report token scores cannot be split by confidence; the
+            # sample becomes a reject so that it does not end the shard.
+            missing = "logprobs" if generation.logprobs is None else "token_bytes"
+            reject = Reject(
+                stage=stage, item=rollout_id, reason="no_logprobs",
+                detail=f"split mode 'confidence' needs per-token logprobs and token_bytes; the generation has no {missing}",
+                payload=generation.text[:2000],
+            )
+            return None, [], reject
+        steps = split_steps(
+            generation.text, self.split, token_bytes=generation.token_bytes, logprobs=generation.logprobs
+        )
         if not steps:
             reject = Reject(
                 stage=stage, item=rollout_id, reason="empty_generation",
