@@ -18,9 +18,15 @@ in a format when those keys are present with the right types.
 - ``preference`` (TRL DPOTrainer, standard text with an explicit prompt)::
 
     {"prompt": str, "chosen": str, "rejected": str}
+
+  Full-Step-DPO rows are preference rows whose extra keys carry a reward per step
+  (``chosen_step_rewards``, ``rejected_step_rewards``).
 - ``unpaired_preference`` (TRL KTOTrainer)::
 
     {"prompt": str, "completion": str, "label": bool}
+
+  Step-KTO rows are unpaired rows whose completion is one step and whose prompt ends with
+  the steps before it.
 
 Extra (provenance) keys are allowed, except keys that define another format: TRL picks a
 code path from the keys it sees (e.g. KTOTrainer unpairs any dataset with ``chosen`` and

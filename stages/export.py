@@ -4,11 +4,22 @@ Reads problems, rollouts, nodes, labels and pairs (Arrow tables with the schemas
 ``stepforge.schemas.records``) and writes one dataset per requested format, each validated
 against ``stepforge.schemas.formats`` before it is written, plus a ``README.md`` dataset card.
 
-- ``prm_stepwise``: one row per policy rollout, ``{prompt, completions, labels}`` (the layout
-  of trl-lib/math_shepherd) plus provenance (soft values, confidences, outcome, ...).
+- ``prm_stepwise``: one row per trajectory (a rollout whose origin is in
+  ``trajectory_origins``, policy rollouts by default), ``{prompt, completions, labels}`` (the
+  layout of trl-lib/math_shepherd) plus provenance (soft values, confidences, outcome, ...)
+  and ``progress``: each step's progress reward (``stepforge.stages.progress``), with the
+  problem's policy solve rate as the root value, summing to ``outcome - root_value``.
 - ``math_shepherd``: the same rollouts with step tags and ``+``/``-`` marks (OpenRLHF PRM).
-- ``dpo``: one row per pair, ``{prompt, chosen, rejected}`` plus provenance (TRL DPOTrainer).
+- ``dpo``: one row per pair of any kind, ``{prompt, chosen, rejected}`` plus provenance (TRL
+  DPOTrainer).
 - ``kto``: each pair as a desirable and an undesirable row (TRL KTOTrainer).
+- ``step_kto``: Step-KTO, one unpaired row per labelled step of the exported trajectories:
+  ``{prompt: question + the steps before it, completion: the step, label: its bool label}``.
+  A step (node) shared by several trajectories is one row. Steps after a trajectory's first
+  wrong step are included too: they carry labels of their own.
+- ``full_step_dpo``: Full-Step-DPO, the ``trajectory`` pairs with the label value of every
+  step of each side (``chosen_step_rewards``, ``rejected_step_rewards``) and the steps
+  themselves (``chosen_steps``, ``rejected_steps``).
 
 A rollout or pair that cannot be exported is counted under a stable snake_case reason in its
 dataset's ``skipped``; it never stops the export.
@@ -32,18 +43,23 @@ from stepforge.schemas.formats import (
     unpair_preference,
     validate_math_shepherd,
 )
+from stepforge.stages.progress import progress_rewards, solve_rate
+from stepforge.stages.split import SplitConfig, join_prefix
 
 STAGE = "export"
 VERSION = 1
 
-ExportName = Literal["prm_stepwise", "math_shepherd", "dpo", "kto"]
+ExportName = Literal["prm_stepwise", "math_shepherd", "dpo", "kto", "step_kto", "full_step_dpo"]
 NeutralPolicy = Literal["negative", "positive", "drop"]
+TrajectoryOrigin = Literal["policy", "mc", "mcts"]
 
 DATASET_FORMATS: dict[str, str] = {
     "prm_stepwise": "stepwise_supervision",
     "math_shepherd": "math_shepherd",
     "dpo": "preference",
     "kto": "unpaired_preference",
+    "step_kto": "unpaired_preference",
+    "full_step_dpo": "preference",
 }
 """Which ``stepforge.schemas.formats`` format each exported dataset is in."""
 
@@ -52,6 +68,8 @@ DATASET_CONSUMERS: dict[str, str] = {
     "math_shepherd": "OpenRLHF-style PRM trainers (step-tag layout of peiyi9979/Math-Shepherd)",
     "dpo": "TRL DPOTrainer (standard preference, explicit prompt)",
     "kto": "TRL KTOTrainer (unpaired preference)",
+    "step_kto": "TRL KTOTrainer (unpaired preference, one row per step: Step-KTO)",
+    "full_step_dpo": "Full-Step-DPO trainers (per-step rewards); TRL DPOTrainer reads the preference columns",
 }
 
 # Explicit features, so every column keeps its type even when a dataset is empty or a
@@ -71,6 +89,9 @@ PRM_FEATURES = Features(
         "final_answer": Value("string"),
         "gold_answer": Value("string"),
         "model": Value("string"),
+        "origin": Value("string"),
+        "root_value": Value("float64"),
+        "progress": List(Value("float64")),
     }
 )
 MATH_SHEPHERD_FEATURES = Features(
@@ -96,11 +117,43 @@ DPO_FEATURES = Features(
 KTO_FEATURES = Features(
     {"prompt": Value("string"), "completion": Value("string"), "label": Value("bool"), **_PAIR_PROVENANCE}
 )
+# No column may be called ``value`` (the math_shepherd format's key), hence ``step_value``.
+STEP_KTO_FEATURES = Features(
+    {
+        "prompt": Value("string"),
+        "completion": Value("string"),
+        "label": Value("bool"),
+        "problem_id": Value("string"),
+        "node_id": Value("string"),
+        "depth": Value("int32"),
+        "origin": Value("string"),
+        "step_label": Value("int8"),
+        "step_value": Value("float64"),
+        "confidence": Value("float64"),
+        "label_policy": Value("string"),
+    }
+)
+FULL_STEP_DPO_FEATURES = Features(
+    {
+        "prompt": Value("string"),
+        "chosen": Value("string"),
+        "rejected": Value("string"),
+        "chosen_step_rewards": List(Value("float64")),
+        "rejected_step_rewards": List(Value("float64")),
+        "chosen_steps": List(Value("string")),
+        "rejected_steps": List(Value("string")),
+        "chosen_node_id": Value("string"),
+        "rejected_node_id": Value("string"),
+        **_PAIR_PROVENANCE,
+    }
+)
 FEATURES: dict[str, Features] = {
     "prm_stepwise": PRM_FEATURES,
     "math_shepherd": MATH_SHEPHERD_FEATURES,
     "dpo": DPO_FEATURES,
     "kto": KTO_FEATURES,
+    "step_kto": STEP_KTO_FEATURES,
+    "full_step_dpo": FULL_STEP_DPO_FEATURES,
 }
 
 
@@ -111,8 +164,23 @@ class ExportConfig(BaseModel):
     formats: list[ExportName] = Field(
         default_factory=lambda: list(DATASET_FORMATS),
         min_length=1,
-        description="Datasets to export: prm_stepwise ({prompt, completions, labels}), math_shepherd "
-        "(step-tagged input, +/- label), dpo ({prompt, chosen, rejected}), kto ({prompt, completion, label}).",
+        description="Datasets to export: prm_stepwise ({prompt, completions, labels} + progress rewards), "
+        "math_shepherd (step-tagged input, +/- label), dpo ({prompt, chosen, rejected}, every pair), kto "
+        "({prompt, completion, label}, each pair unpaired), step_kto ({prompt, completion, label}, one row per "
+        "labelled step), full_step_dpo ({prompt, chosen, rejected} + per-step rewards, trajectory pairs).",
+    )
+    trajectory_origins: list[TrajectoryOrigin] = Field(
+        default_factory=lambda: ["policy"],
+        min_length=1,
+        description="Origins of the rollouts exported as trajectories (prm_stepwise, math_shepherd rows and the "
+        "steps of step_kto): policy samples by default; add mcts to export a tree search's complete paths, mc "
+        "for Monte Carlo completions (whole path from step 1). A rollout with an unlabelled step is not a "
+        "prm_stepwise row; its labelled steps still become step_kto rows.",
+    )
+    split: SplitConfig = Field(
+        default_factory=SplitConfig,
+        description="How step_kto prompts write the previous steps back (question + blank line + "
+        "join_prefix(steps)), as the pairs do; the run's split, so prompts match the pairs'.",
     )
     step_tag: str = Field(
         default=DEFAULT_STEP_TAG,
@@ -122,7 +190,8 @@ class ExportConfig(BaseModel):
     neutral_as: NeutralPolicy = Field(
         default="negative",
         description="How a neutral step (label 0) becomes a bool: negative -> False, positive -> True, "
-        "drop -> the rollout is skipped (reason neutral_step). Consumers disagree, so it is explicit.",
+        "drop -> the rollout is skipped (reason neutral_step; in step_kto only the neutral step is). Consumers "
+        "disagree, so it is explicit.",
     )
     parquet: bool = Field(default=True, description="Write each dataset as out_dir/<name>.parquet.")
     save_to_disk: bool = Field(
@@ -154,11 +223,14 @@ def run(
     prm_rows: list[dict[str, Any]] = []
     prm_skipped: Counter[str] = Counter()
     if {"prm_stepwise", "math_shepherd"} & set(wanted):
-        prm_rows, prm_skipped = build_prm_rows(problems, rollouts, nodes, labels, config.neutral_as)
+        prm_rows, prm_skipped = build_prm_rows(
+            problems, rollouts, nodes, labels, config.neutral_as, config.trajectory_origins
+        )
     dpo_rows: list[dict[str, Any]] = []
     dpo_skipped: Counter[str] = Counter()
     if {"dpo", "kto"} & set(wanted):
         dpo_rows, dpo_skipped = build_dpo_rows(pairs)
+    step_kto_rows: list[dict[str, Any]] = []
 
     summaries: list[dict[str, Any]] = []
     for name in wanted:
@@ -169,16 +241,25 @@ def run(
             skipped = prm_skipped + tag_skipped
         elif name == "dpo":
             rows, skipped = dpo_rows, dpo_skipped
-        else:
+        elif name == "kto":
             # A KTO row is half a pair, so its skips are the pairs' skips.
             rows, skipped = build_kto_rows(dpo_rows), dpo_skipped
+        elif name == "step_kto":
+            step_kto_rows, skipped = build_step_kto_rows(
+                problems, rollouts, nodes, labels, config.neutral_as, config.trajectory_origins, config.split
+            )
+            rows = step_kto_rows
+        else:
+            rows, skipped = build_full_step_dpo_rows(pairs, nodes, labels)
 
         summary = _write(name, rows, config)
         summary["skipped"] = dict(sorted(skipped.items()))
         summaries.append(summary)
         yield summary
 
-    label_policies = sorted({policy for row in prm_rows for policy in row["label_policy"].split(",")})
+    label_policies = sorted(
+        {policy for row in [*prm_rows, *step_kto_rows] for policy in row["label_policy"].split(",")}
+    )
     (config.out_dir / "README.md").write_text(dataset_card(summaries, config, label_policies), encoding="utf-8")
 
 
@@ -192,22 +273,22 @@ def build_prm_rows(
     nodes: pa.Table,
     labels: pa.Table,
     neutral_as: NeutralPolicy,
+    origins: list[TrajectoryOrigin] | tuple[str, ...] = ("policy",),
 ) -> tuple[list[dict[str, Any]], Counter[str]]:
-    """One stepwise-supervision row per policy rollout, sorted by (problem_id, rollout_id)."""
+    """One stepwise-supervision row per rollout of ``origins``, sorted by (problem_id, rollout_id).
+
+    ``progress`` is ``progress_rewards(root_value, values, outcome)`` with ``root_value`` the
+    problem's policy solve rate (``root_values``), whatever the exported origins.
+    """
     problem_rows = problems.select(["problem_id", "question", "gold_answer"]).to_pylist()
     problem_by_id = {problem["problem_id"]: problem for problem in problem_rows}
     text_by_node = dict(zip(nodes.column("node_id").to_pylist(), nodes.column("text").to_pylist()))
     label_by_node = _labels_by_node(labels)
+    root_by_problem = root_values(rollouts)
 
     rows: list[dict[str, Any]] = []
     skipped: Counter[str] = Counter()
-    rollout_rows = rollouts.select(
-        ["rollout_id", "problem_id", "origin", "node_ids", "final_answer", "outcome", "model"]
-    ).to_pylist()
-    for rollout in sorted(rollout_rows, key=lambda r: (r["problem_id"], r["rollout_id"])):
-        # MC completions are evidence for labels, not trajectories to train on.
-        if rollout["origin"] != "policy":
-            continue
+    for rollout in _trajectories(rollouts, origins):
         node_ids = rollout["node_ids"] or []
         problem = problem_by_id.get(rollout["problem_id"])
         reason = None
@@ -226,6 +307,8 @@ def build_prm_rows(
             continue
 
         step_labels = [label_by_node[node_id] for node_id in node_ids]
+        values = [label["value"] for label in step_labels]
+        root_value = root_by_problem.get(rollout["problem_id"])
         rows.append(
             {
                 "prompt": problem["question"],
@@ -234,15 +317,114 @@ def build_prm_rows(
                 "problem_id": rollout["problem_id"],
                 "rollout_id": rollout["rollout_id"],
                 "node_ids": node_ids,
-                "values": [label["value"] for label in step_labels],
+                "values": values,
                 "confidences": [label["confidence"] for label in step_labels],
                 "label_policy": ",".join(sorted({label["policy"] for label in step_labels})),
                 "outcome": rollout["outcome"],
                 "final_answer": rollout["final_answer"],
                 "gold_answer": problem["gold_answer"],
                 "model": rollout["model"],
+                "origin": rollout["origin"],
+                "root_value": root_value,
+                "progress": progress_rewards(root_value, values, rollout["outcome"]),
             }
         )
+    return rows, skipped
+
+
+def root_values(rollouts: pa.Table) -> dict[str, float]:
+    """Each problem's solve rate under the policy: the mean outcome of its policy rollouts (None = wrong)."""
+    outcomes: dict[str, list[bool | None]] = {}
+    for rollout in rollouts.select(["problem_id", "origin", "outcome"]).to_pylist():
+        if rollout["origin"] == "policy":
+            outcomes.setdefault(rollout["problem_id"], []).append(rollout["outcome"])
+    return {problem_id: solve_rate(values) for problem_id, values in outcomes.items()}
+
+
+def _trajectories(rollouts: pa.Table, origins: list[TrajectoryOrigin] | tuple[str, ...]) -> list[dict[str, Any]]:
+    """The rollouts exported as trajectories, sorted by (problem_id, rollout_id).
+
+    By default only policy samples: MC completions are evidence for labels, not trajectories
+    to train on (their paths repeat a policy prefix).
+    """
+    wanted = set(origins)
+    rollout_rows = rollouts.select(
+        ["rollout_id", "problem_id", "origin", "node_ids", "final_answer", "outcome", "model"]
+    ).to_pylist()
+    return sorted(
+        (rollout for rollout in rollout_rows if rollout["origin"] in wanted),
+        key=lambda r: (r["problem_id"], r["rollout_id"]),
+    )
+
+
+def build_step_kto_rows(
+    problems: pa.Table,
+    rollouts: pa.Table,
+    nodes: pa.Table,
+    labels: pa.Table,
+    neutral_as: NeutralPolicy,
+    origins: list[TrajectoryOrigin] | tuple[str, ...],
+    split: SplitConfig,
+) -> tuple[list[dict[str, Any]], Counter[str]]:
+    """One unpaired row per distinct labelled step of the trajectories of ``origins`` (Step-KTO).
+
+    prompt = ``question + "\\n\\n" + join_prefix(previous steps, split)`` (the pairs' prompt),
+    completion = the step, label = its label as a bool (``neutral_as``; ``drop`` skips the
+    neutral step only). Rows follow the trajectories in (problem_id, rollout_id) order and
+    each trajectory's steps in order; a step already exported from an earlier trajectory is
+    not repeated. Steps after a trajectory's first wrong step are exported too (they are
+    labelled in their own right). ``skipped`` counts distinct steps (``missing_node``,
+    ``unlabelled_step``, ``neutral_step``, ``empty_text``) and, for ``missing_problem`` and
+    ``no_steps``, rollouts.
+    """
+    problem_by_id = {row["problem_id"]: row for row in problems.select(["problem_id", "question"]).to_pylist()}
+    node_rows = nodes.select(["node_id", "text", "origin"]).to_pylist()
+    node_by_id = {node["node_id"]: node for node in node_rows}
+    label_by_node = _labels_by_node(labels)
+
+    rows: list[dict[str, Any]] = []
+    skipped: Counter[str] = Counter()
+    seen: set[str] = set()
+    for rollout in _trajectories(rollouts, origins):
+        node_ids = rollout["node_ids"] or []
+        problem = problem_by_id.get(rollout["problem_id"])
+        if problem is None or not node_ids:
+            skipped["missing_problem" if problem is None else "no_steps"] += 1
+            continue
+        for position, nid in enumerate(node_ids):
+            if nid in seen:
+                continue
+            seen.add(nid)
+            path = node_ids[: position + 1]
+            label = label_by_node.get(nid)
+            reason = None
+            if any(step not in node_by_id for step in path):
+                reason = "missing_node"
+            elif label is None:
+                reason = "unlabelled_step"
+            elif neutral_as == "drop" and label["label"] == 0:
+                reason = "neutral_step"
+            elif not node_by_id[nid]["text"]:
+                reason = "empty_text"
+            if reason:
+                skipped[reason] += 1
+                continue
+            previous = [node_by_id[step]["text"] for step in node_ids[:position]]
+            rows.append(
+                {
+                    "prompt": problem["question"] + "\n\n" + join_prefix(previous, split),
+                    "completion": node_by_id[nid]["text"],
+                    "label": _label_to_bool(label["label"], neutral_as),
+                    "problem_id": rollout["problem_id"],
+                    "node_id": nid,
+                    "depth": position + 1,
+                    "origin": node_by_id[nid]["origin"],
+                    "step_label": label["label"],
+                    "step_value": label["value"],
+                    "confidence": label["confidence"],
+                    "label_policy": label["policy"],
+                }
+            )
     return rows, skipped
 
 
@@ -279,6 +461,72 @@ def build_dpo_rows(pairs: pa.Table) -> tuple[list[dict[str, Any]], Counter[str]]
 def build_kto_rows(dpo_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each pair as its desirable (chosen) row followed by its undesirable (rejected) row."""
     return [row for pair in dpo_rows for row in unpair_preference(pair)]
+
+
+def build_full_step_dpo_rows(
+    pairs: pa.Table, nodes: pa.Table, labels: pa.Table
+) -> tuple[list[dict[str, Any]], Counter[str]]:
+    """One row per ``trajectory`` pair, sorted by (problem_id, pair_id), with a reward per step.
+
+    Each side's steps are found by walking ``parent_id`` up from its leaf node
+    (``chosen_node_id`` / ``rejected_node_id``); its step rewards are those steps' label
+    values, first step first. Pairs of other kinds are not candidates (not counted). A pair
+    is skipped as ``missing_node`` (a step is not in the nodes table), ``unlabelled_step`` (a
+    step has no label), ``unvalued_step`` (a label without a value), ``empty_text`` or
+    ``identical_sides``.
+    """
+    parent_by_node: dict[str, str | None] = {}
+    text_by_node: dict[str, str] = {}
+    for node in nodes.select(["node_id", "parent_id", "text"]).to_pylist():
+        parent_by_node[node["node_id"]] = node["parent_id"]
+        text_by_node[node["node_id"]] = node["text"]
+    label_by_node = _labels_by_node(labels)
+
+    rows: list[dict[str, Any]] = []
+    skipped: Counter[str] = Counter()
+    columns = ["prompt", "chosen", "rejected", "chosen_node_id", "rejected_node_id", *_PAIR_PROVENANCE]
+    candidates = [pair for pair in pairs.select(columns).to_pylist() if pair["kind"] == "trajectory"]
+    for pair in sorted(candidates, key=lambda p: (p["problem_id"], p["pair_id"])):
+        if not (pair["prompt"] and pair["chosen"] and pair["rejected"]):
+            skipped["empty_text"] += 1
+            continue
+        if pair["chosen"] == pair["rejected"]:
+            skipped["identical_sides"] += 1
+            continue
+        paths = [_path_to(pair[f"{side}_node_id"], parent_by_node) for side in ("chosen", "rejected")]
+        if any(path is None for path in paths):
+            skipped["missing_node"] += 1
+            continue
+        steps = [step for path in paths for step in path]
+        if any(step not in label_by_node for step in steps):
+            skipped["unlabelled_step"] += 1
+            continue
+        if any(label_by_node[step]["value"] is None for step in steps):
+            skipped["unvalued_step"] += 1
+            continue
+        chosen_path, rejected_path = paths
+        rows.append(
+            {
+                **pair,
+                "chosen_step_rewards": [label_by_node[step]["value"] for step in chosen_path],
+                "rejected_step_rewards": [label_by_node[step]["value"] for step in rejected_path],
+                "chosen_steps": [text_by_node[step] for step in chosen_path],
+                "rejected_steps": [text_by_node[step] for step in rejected_path],
+            }
+        )
+    return rows, skipped
+
+
+def _path_to(leaf: str | None, parent_by_node: dict[str, str | None]) -> list[str] | None:
+    """Node ids from the first step down to ``leaf``; None if a node on the way is missing (or a cycle)."""
+    path: list[str] = []
+    cursor = leaf
+    while cursor is not None:
+        if cursor not in parent_by_node or len(path) > len(parent_by_node):
+            return None
+        path.append(cursor)
+        cursor = parent_by_node[cursor]
+    return path[::-1] or None
 
 
 def _labels_by_node(labels: pa.Table) -> dict[str, dict[str, Any]]:
@@ -337,7 +585,8 @@ def dataset_card(summaries: list[dict[str, Any]], config: ExportConfig, label_po
     neutral = {
         "negative": "mapped to `False` (treated as a wrong step)",
         "positive": "mapped to `True` (treated as correct)",
-        "drop": "not exported: a rollout with any neutral step is skipped (`neutral_step`)",
+        "drop": "not exported: a rollout with any neutral step is skipped (`neutral_step`); in `step_kto` "
+        "only the neutral step is",
     }[config.neutral_as]
     exported = [summary["dataset"] for summary in summaries]
     lines = ["---"]
@@ -375,6 +624,30 @@ def dataset_card(summaries: list[dict[str, Any]], config: ExportConfig, label_po
         "- `values` holds each step's soft label (e.g. the Monte Carlo fraction of correct completions) "
         "and `confidences` the consensus confidence, beside the boolean `labels`.",
         *([f"- Math-Shepherd step tag: `{config.step_tag}`."] if "math_shepherd" in exported else []),
+        f"- Trajectories (`prm_stepwise`, `math_shepherd` rows and `step_kto` steps) are the rollouts of origin "
+        f"{', '.join(f'`{origin}`' for origin in config.trajectory_origins)}.",
+        "",
+        "## Progress rewards",
+        "",
+        "`prm_stepwise` and `math_shepherd` rows carry `progress`, one per step (Rewarding Progress, "
+        "Setlur et al. 2024): the change in the estimated probability of reaching the right answer that "
+        "the step caused, `V(prefix through step i) - V(prefix before it)`. `V` before the first step is "
+        "`root_value`, the problem's solve rate under the policy (mean outcome of its policy rollouts, an "
+        "unchecked answer counting as wrong); after an internal step it is the step's soft value (`values`); "
+        "after the last step it is the rollout's own outcome (1 or 0). So a row's progress sums to "
+        "`outcome - root_value`. A step whose value or whose predecessor's value is unknown has `null`.",
+        "",
+        "## Datasets",
+        "",
+        "- `dpo` / `kto`: every stored pair (column `kind`: `step_dpo` = first wrong step vs a correct "
+        "step from the same prefix, `sibling` = two steps from one prefix whose values differ by at least "
+        "the configured margin, `trajectory` = a correct vs an incorrect complete solution).",
+        "- `step_kto` (Step-KTO): one row per labelled step of the trajectories; `prompt` is the question "
+        "and the previous steps, `completion` the step, `label` its label; a step shared by several "
+        "trajectories appears once. Steps after a trajectory's first wrong step are included (they carry "
+        "their own labels). `step_label` is the raw -1/0/+1 label, `step_value` the soft value.",
+        "- `full_step_dpo` (Full-Step-DPO): the `trajectory` pairs, with `chosen_steps`/`rejected_steps` and "
+        "`chosen_step_rewards`/`rejected_step_rewards`, each step's soft value, first step first.",
         "",
         "## Formats",
         "",
@@ -382,8 +655,8 @@ def dataset_card(summaries: list[dict[str, Any]], config: ExportConfig, label_po
         "- `math_shepherd`: `input` (steps each followed by the step tag), `label` (the tags replaced by "
         "`+`/`-`), `value: list[str]`.",
         "- `preference`: `prompt`, `chosen`, `rejected` (explicit prompt, standard text).",
-        "- `unpaired_preference`: `prompt`, `completion`, `label: bool`; each pair gives one `True` "
-        "and one `False` row.",
+        "- `unpaired_preference`: `prompt`, `completion`, `label: bool`; in `kto` each pair gives one "
+        "`True` and one `False` row, in `step_kto` each step gives one row.",
         "",
     ]
     return "\n".join(lines)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -12,14 +13,17 @@ import pyarrow as pa
 import pytest
 
 from stepforge.schemas.formats import (
+    CONFLICTING_KEYS,
+    FORMAT_KEYS,
     validate_math_shepherd,
     validate_preference,
     validate_stepwise_supervision,
     validate_unpaired_preference,
 )
-from stepforge.schemas.records import to_arrow
-from stepforge.stages import export
+from stepforge.schemas.records import Pair, Problem, to_arrow
+from stepforge.stages import export, pairs
 from stepforge.stages.export import ExportConfig
+from stepforge.stages.split import SplitConfig
 
 POLICY = "mc_hard@1"
 QUESTION_1 = "Natalia sold 48 clips in April and half as many in May. How many in total?"
@@ -137,7 +141,7 @@ def load_both(out_dir: Path, name: str) -> datasets.Dataset:
 
 def test_summaries(exported: tuple[Path, dict[str, dict]]) -> None:
     out_dir, summaries = exported
-    assert list(summaries) == ["prm_stepwise", "math_shepherd", "dpo", "kto"]
+    assert list(summaries) == ["prm_stepwise", "math_shepherd", "dpo", "kto", "step_kto", "full_step_dpo"]
     assert summaries["prm_stepwise"] == {
         "dataset": "prm_stepwise", "format": "stepwise_supervision", "rows": 3,
         "path": str(out_dir / "prm_stepwise"), "parquet_path": str(out_dir / "prm_stepwise.parquet"),
@@ -146,6 +150,10 @@ def test_summaries(exported: tuple[Path, dict[str, dict]]) -> None:
     assert summaries["math_shepherd"]["rows"] == 3
     assert summaries["dpo"]["rows"] == 2 and summaries["dpo"]["skipped"] == {}
     assert summaries["kto"]["rows"] == 4
+    assert summaries["step_kto"]["rows"] == 6 and summaries["step_kto"]["skipped"] == {"unlabelled_step": 1}
+    # The fixture's one trajectory pair points at node ids that are not in the tree.
+    assert summaries["full_step_dpo"]["rows"] == 0
+    assert summaries["full_step_dpo"]["skipped"] == {"missing_node": 1}
 
 
 def test_prm_stepwise_rows(exported: tuple[Path, dict[str, dict]]) -> None:
@@ -154,7 +162,7 @@ def test_prm_stepwise_rows(exported: tuple[Path, dict[str, dict]]) -> None:
     validate_stepwise_supervision(dataset)
     assert dataset.column_names == [
         "prompt", "completions", "labels", "problem_id", "rollout_id", "node_ids", "values", "confidences",
-        "label_policy", "outcome", "final_answer", "gold_answer", "model",
+        "label_policy", "outcome", "final_answer", "gold_answer", "model", "origin", "root_value", "progress",
     ]
     assert dataset["rollout_id"] == ["r1", "r2", "r4"]  # sorted; MC rollout r3 and unlabelled r5 left out
     r1, r2, r4 = dataset.to_list()
@@ -168,6 +176,15 @@ def test_prm_stepwise_rows(exported: tuple[Path, dict[str, dict]]) -> None:
     assert (r1["label_policy"], r1["model"]) == (POLICY, "tiny-policy")
     assert r2["labels"] == [True, False] and r2["outcome"] is False
     assert r4["prompt"] == QUESTION_2 and r4["values"] == [1.0, None]
+    assert {r1["origin"], r2["origin"], r4["origin"]} == {"policy"}
+    # Root value = solve rate of the problem's policy rollouts: p1 r1 ok, r2 wrong; p2 r4 ok, r5 wrong.
+    assert r1["root_value"] == 0.5 and r4["root_value"] == 0.5
+    # V: 0.5 (root) -> 0.75 -> 1.0 -> outcome 1.0 (the last step's value 0.5 is replaced by the outcome)
+    assert r1["progress"] == [0.25, 0.25, 0.0]
+    assert r2["progress"] == [0.25, -0.75]  # 0.5 -> 0.75 -> outcome 0.0
+    assert r4["progress"] == [0.5, 0.0]  # the unknown last value does not matter: the outcome replaces it
+    for row in (r1, r2, r4):
+        assert sum(row["progress"]) == pytest.approx(float(row["outcome"]) - row["root_value"])
 
 
 @pytest.mark.parametrize(
@@ -195,6 +212,7 @@ def test_math_shepherd_rows(exported: tuple[Path, dict[str, dict]]) -> None:
     assert r2["input"] == QUESTION_1 + " 48/2 = 24 ки\n24+48 = 82 ки"
     assert r2["label"] == QUESTION_1 + " 48/2 = 24 +\n24+48 = 82 -"
     assert r2["value"] == ["+", "-"]
+    assert r2["progress"] == [0.25, -0.75] and r2["root_value"] == 0.5
     assert {"prompt", "completions", "labels"}.isdisjoint(dataset.column_names)
 
 
@@ -263,6 +281,13 @@ def test_dataset_card(exported: tuple[Path, dict[str, dict]]) -> None:
         "| `math_shepherd` | `math_shepherd` | 3 |",
         "| `dpo` | `preference` | 2 | none |",
         "| `kto` | `unpaired_preference` | 4 | none |",
+        "| `step_kto` | `unpaired_preference` | 6 | unlabelled_step: 1 | TRL KTOTrainer",
+        "| `full_step_dpo` | `preference` | 0 | missing_node: 1 | Full-Step-DPO",
+        "## Progress rewards",
+        "sums to `outcome - root_value`",
+        "Trajectories (`prm_stepwise`, `math_shepherd` rows and `step_kto` steps) are the rollouts of origin `policy`.",
+        "  data_files: step_kto.parquet",
+        "  data_files: full_step_dpo.parquet",
         f"Label policy: `{POLICY}`",
         "Neutral steps (label `0`): mapped to `False`",
         "  data_files: dpo.parquet",
@@ -307,6 +332,139 @@ def test_conflicting_labels_for_one_node_are_refused(tmp_path: Path) -> None:
 def test_config_needs_an_output(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="at least one of parquet and save_to_disk"):
         ExportConfig(out_dir=tmp_path, parquet=False, save_to_disk=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Step-KTO, Full-Step-DPO, trajectory origins.
+
+
+def test_step_kto_rows(exported: tuple[Path, dict[str, dict]]) -> None:
+    out_dir, _ = exported
+    dataset = load_both(out_dir, "step_kto")
+    validate_unpaired_preference(dataset)
+    assert dataset.column_names == [
+        "prompt", "completion", "label", "problem_id", "node_id", "depth", "origin", "step_label", "step_value",
+        "confidence", "label_policy",
+    ]
+    # r1 = n1 n2 n4, r2 = n1 n3 (n1 shared: one row), r4 = q1 q2, r5 = q1 q3 (q3 unlabelled: skipped).
+    assert dataset["node_id"] == ["n1", "n2", "n4", "n3", "q1", "q2"]
+    rows = {row["node_id"]: row for row in dataset.to_list()}
+    assert rows["n1"]["prompt"] == QUESTION_1 + "\n\n"
+    assert rows["n2"]["prompt"] == rows["n3"]["prompt"] == QUESTION_1 + "\n\n48/2 = 24\n\n"
+    assert rows["n4"]["prompt"] == QUESTION_1 + "\n\n48/2 = 24\n\n24+48 = 72\n\n"
+    assert rows["n4"]["completion"] == "The answer is 72"
+    assert [rows[n]["label"] for n in ("n1", "n2", "n4", "n3")] == [True, True, False, False]  # n4 neutral
+    assert (rows["n4"]["step_label"], rows["n4"]["step_value"], rows["n4"]["confidence"]) == (0, 0.5, 0.3)
+    assert [rows[n]["depth"] for n in ("n1", "n2", "n4", "q2")] == [1, 2, 3, 2]
+    assert rows["q2"]["step_value"] is None and rows["q2"]["label"] is True
+    assert {row["label_policy"] for row in rows.values()} == {POLICY}
+    assert {row["origin"] for row in rows.values()} == {"policy"}
+    assert {"chosen", "rejected", "value"}.isdisjoint(dataset.column_names)
+
+
+def test_step_kto_includes_steps_after_the_first_wrong_step_and_drops_only_neutral_steps(tmp_path: Path) -> None:
+    tables = build_tables()
+    extra_node = {"node_id": "n5", "problem_id": "p1", "parent_id": "n3", "depth": 3,
+                  "text": "82 - 10 = 72", "origin": "policy", "num_tokens": 5}
+    extra_label = {"node_id": "n5", "problem_id": "p1", "label": 1, "value": 1.0, "confidence": 0.7,
+                   "reason": "mc", "policy": POLICY}
+    tables["nodes"] = pa.concat_tables([tables["nodes"], to_arrow("nodes", [extra_node])])
+    tables["labels"] = pa.concat_tables([tables["labels"], to_arrow("labels", [extra_label])])
+    tables["rollouts"] = pa.concat_tables(
+        [tables["rollouts"], to_arrow("rollouts", [{**_rollout("r6", "p1", ["n1", "n3"], "72", True),
+                                                    "node_ids": ["n1", "n3", "n5"]}])]
+    )
+    summaries = run_export(tmp_path, tables, formats=["step_kto"], neutral_as="drop")
+    rows = {row["node_id"]: row for row in datasets.load_from_disk(str(tmp_path / "step_kto")).to_list()}
+    assert set(rows) == {"n1", "n2", "n3", "n5", "q1", "q2"}
+    assert rows["n5"]["label"] is True and rows["n5"]["prompt"] == QUESTION_1 + "\n\n48/2 = 24\n\n24+48 = 82\n\n"
+    assert summaries["step_kto"]["skipped"] == {"neutral_step": 1, "unlabelled_step": 1}
+
+
+def test_step_kto_prompt_is_the_pairs_prompt(tmp_path: Path) -> None:
+    """A step's KTO prompt is the prompt of a Step-DPO pair that rejects it, under any split mode."""
+    tables = build_tables()
+    split = SplitConfig(mode="newline")
+    problems = [Problem(**row) for row in tables["problems"].to_pylist()]
+    made = [
+        record for record in pairs.run(
+            problems, tables["rollouts"].to_pylist(), tables["nodes"].to_pylist(), tables["labels"].to_pylist(),
+            pairs.PairsConfig(split=split),
+        ) if isinstance(record, Pair)
+    ]
+    assert [(p.prefix_node_id, p.rejected_node_id) for p in made] == [("n1", "n3")]
+    run_export(tmp_path, tables, formats=["step_kto"], split=split)
+    rows = {row["node_id"]: row for row in datasets.load_from_disk(str(tmp_path / "step_kto")).to_list()}
+    assert rows["n3"]["prompt"] == made[0].prompt == QUESTION_1 + "\n\n48/2 = 24\n"
+    assert rows["n3"]["completion"] == made[0].rejected
+
+
+def test_trajectory_origins_choose_the_exported_rollouts(tmp_path: Path) -> None:
+    with_mc = run_export(tmp_path / "both", formats=["prm_stepwise", "step_kto"], trajectory_origins=["policy", "mc"])
+    prm = datasets.load_from_disk(str(tmp_path / "both" / "prm_stepwise"))
+    assert prm["rollout_id"] == ["r1", "r2", "r3", "r4"]
+    r3 = prm.to_list()[2]
+    assert (r3["origin"], r3["completions"], r3["labels"]) == ("mc", ["48/2 = 24", "24*3 = 72"], [True, True])
+    # The root value is still the policy solve rate; the MC completion ends correct: 0.5 -> 0.75 -> 1.0.
+    assert (r3["root_value"], r3["progress"]) == (0.5, [0.25, 0.25])
+    kto_nodes = datasets.load_from_disk(str(tmp_path / "both" / "step_kto"))["node_id"]
+    assert "m1" in kto_nodes and kto_nodes.count("n1") == 1
+    assert with_mc["step_kto"]["rows"] == 7
+
+    run_export(tmp_path / "mc", formats=["prm_stepwise"], trajectory_origins=["mc"])
+    assert datasets.load_from_disk(str(tmp_path / "mc" / "prm_stepwise"))["rollout_id"] == ["r3"]
+    default = run_export(tmp_path / "default", formats=["prm_stepwise", "step_kto"])
+    assert default["prm_stepwise"]["rows"] == 3 and default["step_kto"]["rows"] == 6
+    with pytest.raises(ValueError):
+        ExportConfig(out_dir=tmp_path, trajectory_origins=["search"])
+
+
+def test_full_step_dpo_rows_from_trajectory_pairs(tmp_path: Path) -> None:
+    tables = build_tables()
+    problems = [Problem(**row) for row in tables["problems"].to_pylist()]
+    made = list(pairs.run(
+        problems, tables["rollouts"].to_pylist(), tables["nodes"].to_pylist(), tables["labels"].to_pylist(),
+        pairs.PairsConfig(kinds=["step_dpo", "trajectory"]),
+    ))
+    assert sorted(p.kind for p in made) == ["step_dpo", "trajectory", "trajectory"]
+    unvalued = {**_pair("pu", "p2", "trajectory", QUESTION_2, "2*3 = 6\n\n6+1 = 7", "2*3 = 6", None),
+                "chosen_node_id": "q2", "rejected_node_id": "q1"}
+    missing = {**_pair("pm", "p2", "trajectory", QUESTION_2, "a", "b", None), "chosen_node_id": "q2",
+               "rejected_node_id": "gone"}
+    tables["pairs"] = pa.concat_tables([to_arrow("pairs", made), to_arrow("pairs", [unvalued, missing])])
+    summaries = run_export(tmp_path, tables, formats=["full_step_dpo", "dpo"])
+    # p2's trajectory pair rejects r5, whose last step has no label; q2 has a label without a value.
+    assert summaries["full_step_dpo"]["skipped"] == {"missing_node": 1, "unlabelled_step": 1, "unvalued_step": 1}
+    assert summaries["dpo"]["rows"] == 5, "dpo keeps every pair, whatever its kind"
+
+    dataset = load_both(tmp_path, "full_step_dpo")
+    validate_preference(dataset)
+    assert dataset.column_names == [
+        "prompt", "chosen", "rejected", "chosen_step_rewards", "rejected_step_rewards", "chosen_steps",
+        "rejected_steps", "chosen_node_id", "rejected_node_id", "pair_id", "problem_id", "kind", "margin",
+        "chosen_value", "rejected_value", "sources",
+    ]
+    assert dataset.num_rows == 1
+    row = dataset[0]
+    assert (row["chosen_node_id"], row["rejected_node_id"], row["kind"]) == ("n4", "n3", "trajectory")
+    assert row["prompt"] == QUESTION_1 + "\n\n"
+    assert row["chosen_steps"] == ["48/2 = 24", "24+48 = 72", "The answer is 72"]
+    assert row["rejected_steps"] == ["48/2 = 24", "24+48 = 82"]
+    assert row["chosen"] == "\n\n".join(row["chosen_steps"]) and row["rejected"] == "\n\n".join(row["rejected_steps"])
+    # Each side's rewards are its steps' label values, first step first.
+    assert row["chosen_step_rewards"] == [LABELS[n][1] for n in ("n1", "n2", "n4")] == [0.75, 1.0, 0.5]
+    assert row["rejected_step_rewards"] == [LABELS[n][1] for n in ("n1", "n3")] == [0.75, 0.0]
+    assert row["chosen_value"] == pytest.approx(0.75) and row["rejected_value"] == pytest.approx(0.375)
+
+
+def test_every_dataset_is_in_a_known_format_without_conflicting_columns() -> None:
+    assert set(export.DATASET_FORMATS) == set(export.FEATURES) == set(export.DATASET_CONSUMERS)
+    assert set(typing.get_args(export.ExportName)) == set(export.DATASET_FORMATS)
+    assert ExportConfig(out_dir=Path("x")).formats == list(export.DATASET_FORMATS)
+    for name, format_name in export.DATASET_FORMATS.items():
+        columns = set(export.FEATURES[name])
+        assert set(FORMAT_KEYS[format_name]) <= columns, name
+        assert not columns & CONFLICTING_KEYS[format_name], name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,21 +519,55 @@ def test_dpo_trainer_takes_a_step_on_exported_pairs(exported: tuple[Path, dict[s
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("dataset", ["kto", "step_kto"])
 def test_kto_trainer_takes_a_step_on_exported_unpaired_data(
-    exported: tuple[Path, dict[str, dict]], tmp_path: Path
+    exported: tuple[Path, dict[str, dict]], tmp_path: Path, dataset: str
 ) -> None:
+    """Both unpaired exports train: each pair unpaired (kto) and one row per labelled step (step_kto)."""
     from trl import KTOConfig, KTOTrainer
 
     out_dir, _ = exported
-    train_dataset = datasets.load_from_disk(str(out_dir / "kto"))
+    train_dataset = datasets.load_from_disk(str(out_dir / dataset))
     validate_unpaired_preference(train_dataset)
     model, tokenizer = _tiny_model_and_tokenizer(_texts(train_dataset, ["prompt", "completion"]))
     args = KTOConfig(
-        output_dir=str(tmp_path / "kto-run"), max_steps=1, per_device_train_batch_size=2, report_to=[],
+        output_dir=str(tmp_path / f"{dataset}-run"), max_steps=1, per_device_train_batch_size=2, report_to=[],
         use_cpu=True, bf16=False, activation_checkpointing=False, logging_steps=1, save_strategy="no",
         dataloader_num_workers=0,
     )
     trainer = KTOTrainer(
+        model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=train_dataset,
+        processing_class=tokenizer,
+    )
+    result = trainer.train()
+    assert trainer.state.global_step == 1
+    assert math.isfinite(result.training_loss)
+
+
+@pytest.mark.slow
+def test_dpo_trainer_takes_a_step_on_full_step_dpo_rows(tmp_path: Path) -> None:
+    """The per-step reward columns ride along: TRL's DPOTrainer reads the preference columns as is."""
+    from trl import DPOConfig, DPOTrainer
+
+    tables = build_tables()
+    problems = [Problem(**row) for row in tables["problems"].to_pylist()]
+    made = list(pairs.run(
+        problems, tables["rollouts"].to_pylist(), tables["nodes"].to_pylist(), tables["labels"].to_pylist(),
+        pairs.PairsConfig(kinds=["trajectory"]),
+    ))
+    # p2's pair is skipped (an unlabelled step); a copy of p1's gives the batch its second row.
+    made.append(next(p for p in made if p.problem_id == "p1").model_copy(update={"pair_id": "copy"}))
+    tables["pairs"] = to_arrow("pairs", made)
+    run_export(tmp_path, tables, formats=["full_step_dpo"])
+    train_dataset = datasets.load_from_disk(str(tmp_path / "full_step_dpo"))
+    assert train_dataset.num_rows == 2
+    model, tokenizer = _tiny_model_and_tokenizer(_texts(train_dataset, ["prompt", "chosen", "rejected"]))
+    args = DPOConfig(
+        output_dir=str(tmp_path / "full-step-dpo-run"), max_steps=1, per_device_train_batch_size=2, report_to=[],
+        use_cpu=True, bf16=False, activation_checkpointing=False, logging_steps=1, save_strategy="no",
+        dataloader_num_workers=0,
+    )
+    trainer = DPOTrainer(
         model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=train_dataset,
         processing_class=tokenizer,
     )

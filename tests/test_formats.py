@@ -159,3 +159,15 @@ def test_unpair_preference_keeps_provenance() -> None:
     assert desirable == {"prompt": PREFERENCE["prompt"], "completion": " 4", "label": True, "pair_id": "x"}
     assert undesirable == {"prompt": PREFERENCE["prompt"], "completion": " 5", "label": False, "pair_id": "x"}
     validate_unpaired_preference([desirable, undesirable])
+
+
+def test_step_level_rows_are_plain_rows_of_their_formats() -> None:
+    """Step-KTO and Full-Step-DPO rows: the base format plus step provenance; ``value`` would clash."""
+    step_kto = {"prompt": "Q?\n\nstep 1\n\n", "completion": "step 2", "label": False, "node_id": "n2",
+                "depth": 2, "step_label": -1, "step_value": 0.0}
+    full_step_dpo = {**PREFERENCE, "chosen_step_rewards": [1.0], "rejected_step_rewards": [0.0],
+                     "chosen_steps": [" 4"], "rejected_steps": [" 5"]}
+    validate_unpaired_preference(step_kto)
+    validate_preference(full_step_dpo)
+    with pytest.raises(FormatError, match=r"unexpected keys \['value'\]"):
+        validate_unpaired_preference({**step_kto, "value": 0.0})
