@@ -33,15 +33,18 @@ def run(
     run_name: Optional[str] = typer.Option(None, "--run", help="Run name (overrides the config)."),
     model: Optional[str] = typer.Option(None, help="Model name or local .gguf path (overrides the config)."),
     limit: Optional[int] = typer.Option(None, help="Only the first N source rows."),
+    labeller: Optional[str] = typer.Option(
+        None, help="mc (Math-Shepherd), binary_search (OmegaPRM) or mcts (overrides the config)."
+    ),
     verbose: bool = typer.Option(False, help="Show Prefect's own logs."),
 ) -> None:
-    """Run the synthesize flow: rollouts, Monte Carlo step labels, Step-DPO pairs, TRL datasets."""
+    """Run the synthesize flow: rollouts, step labels (Monte Carlo, binary search or MCTS), pairs, TRL datasets."""
     _quiet_prefect(verbose)
     from stepforge.flows.config import RunConfig, demo_config
     from stepforge.flows.progress import RichReporter, set_reporter
     from stepforge.flows.synthesize import synthesize
 
-    overrides = {"store": store, "run": run_name}
+    overrides = {"store": store, "run": run_name, "labeller": labeller}
     cfg = RunConfig.from_yaml(config, **overrides) if config else demo_config(**overrides)
     updates = {}
     if model:
@@ -50,7 +53,9 @@ def run(
         updates["ingest"] = cfg.ingest.model_copy(update={"limit": limit})
     if updates:
         cfg = RunConfig.model_validate({**cfg.model_dump(), **{k: v.model_dump() for k, v in updates.items()}})
-    console.print(Panel.fit(f"run [bold]{cfg.run}[/] · model {cfg.backend.model} · store {cfg.store.resolve()}"))
+    console.print(
+        Panel.fit(f"run [bold]{cfg.run}[/] · model {cfg.backend.model_label} · labeller {cfg.labeller} · store {cfg.store.resolve()}")
+    )
     import datasets
 
     datasets.disable_progress_bars()  # our own bars say what is happening; theirs repeat per file
@@ -71,7 +76,7 @@ def print_summary(store: Path, run_name: str, result: dict) -> None:
         q = lambda sql: catalog.query(sql).to_pylist()  # noqa: E731
         rollouts = q("select count(*) n, avg(outcome::int) acc from rollouts where origin = 'policy'")[0]
         labels = q("select label, count(*) n from labels group by 1 order by 1 desc")
-        pairs = q("select count(*) n from pairs")[0]["n"]
+        pairs = ", ".join(f"{r['kind']}: {r['n']}" for r in q("select kind, count(*) n from pairs group by 1 order by 1")) or "0"
         rejects = q("select stage, reason, count(*) n from rejects group by all order by n desc")
         # Show a pair about arithmetic if there is one: it says more than a rejected preamble.
         example = q(
@@ -82,7 +87,7 @@ def print_summary(store: Path, run_name: str, result: dict) -> None:
     table.add_row("policy rollouts", str(rollouts["n"]))
     table.add_row("accuracy", f"{rollouts['acc']:.1%}" if rollouts["acc"] is not None else "-")
     table.add_row("steps labelled", ", ".join(f"{'+1' if r['label'] > 0 else r['label']}: {r['n']}" for r in labels) or "0")
-    table.add_row("Step-DPO pairs", str(pairs))
+    table.add_row("pairs", pairs)
     table.add_row("rejects", ", ".join(f"{r['stage']}/{r['reason']}: {r['n']}" for r in rejects) or "none")
     gen = result.get("generation") or {}
     if gen:
@@ -164,6 +169,17 @@ def export(
             console.print(f"{summary['dataset']}: {summary['rows']} rows → {summary['path']}")
     finally:
         ctx.close()
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+def world(ctx: typer.Context) -> None:
+    """The synthetic world (a measuring instrument for labellers): `world problems ...` or `world serve ...`."""
+    from stepforge.stages.llm.synthetic import main
+
+    main(ctx.args)
 
 
 if __name__ == "__main__":

@@ -6,13 +6,17 @@ from importlib import resources
 from pathlib import Path
 
 import yaml
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from stepforge.stages.binary_search import BinarySearchConfig
 from stepforge.stages.consensus import ConsensusConfig
 from stepforge.stages.export import ExportConfig
 from stepforge.stages.ingest import IngestConfig
 from stepforge.stages.llm import BackendConfig
 from stepforge.stages.mc_label import MCLabelConfig
+from stepforge.stages.mcts import MCTSConfig
 from stepforge.stages.pairs import PairsConfig
 from stepforge.stages.prompting import PromptConfig
 from stepforge.stages.rollout import RolloutConfig
@@ -30,9 +34,21 @@ class RunConfig(BaseModel):
     prompt: PromptConfig = Field(default_factory=PromptConfig, description="How problems are put to the policy (all stages).")
     split: SplitConfig = Field(default_factory=SplitConfig, description="How solutions are cut into steps (all stages).")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Sampling of solutions.")
-    mc_label: MCLabelConfig = Field(default_factory=MCLabelConfig, description="Monte Carlo step labelling.")
+    labeller: Literal["mc", "binary_search", "mcts"] = Field(
+        default="mc",
+        description="How steps are valued: mc (Math-Shepherd: K completions after every step; section mc_label), "
+        "binary_search (OmegaPRM first-error search with rollout reuse; section binary_search), "
+        "mcts (AlphaMath-style tree search; section mcts).",
+    )
+    mc_label: MCLabelConfig = Field(default_factory=MCLabelConfig, description="Monte Carlo step labelling (labeller: mc).")
+    binary_search: BinarySearchConfig = Field(
+        default_factory=BinarySearchConfig, description="Binary search / OmegaPRM labelling (labeller: binary_search)."
+    )
+    mcts: MCTSConfig = Field(default_factory=MCTSConfig, description="Tree-search labelling (labeller: mcts).")
     consensus: ConsensusConfig = Field(default_factory=ConsensusConfig, description="How evaluations become labels.")
-    pairs: PairsConfig = Field(default_factory=PairsConfig, description="Step-DPO pair construction.")
+    pairs: PairsConfig = Field(
+        default_factory=PairsConfig, description="Preference pairs from the tree: step_dpo, sibling, trajectory."
+    )
     export: ExportConfig | None = Field(default=None, description="Dataset export; default <store>/exports/<run>.")
 
     @model_validator(mode="after")
@@ -40,11 +56,18 @@ class RunConfig(BaseModel):
         """Rollouts, completions and pairs must agree on the prompt and step format, so they are set once."""
         shared = {"prompt": self.prompt, "split": self.split}
         object.__setattr__(self, "rollout", self.rollout.model_copy(update=shared))
-        object.__setattr__(self, "mc_label", self.mc_label.model_copy(update=shared))
+        for section in ("mc_label", "binary_search", "mcts"):
+            object.__setattr__(self, section, getattr(self, section).model_copy(update=shared))
         object.__setattr__(self, "pairs", self.pairs.model_copy(update={"split": self.split}))
         if self.export is None:
             object.__setattr__(self, "export", ExportConfig(out_dir=str(self.store / "exports" / self.run)))
+        object.__setattr__(self, "export", self.export.model_copy(update={"split": self.split}))
         return self
+
+    @property
+    def labeller_config(self) -> BaseModel:
+        """The config section of the chosen labeller (the others are ignored and do not enter keys)."""
+        return {"mc": self.mc_label, "binary_search": self.binary_search, "mcts": self.mcts}[self.labeller]
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> "RunConfig":

@@ -18,7 +18,7 @@ from stepforge.flows.config import RunConfig
 from stepforge.flows.progress import reporter
 from stepforge.schemas.ids import content_hash
 from stepforge.schemas.records import Problem, Record, Reject
-from stepforge.stages import consensus, export, ingest, mc_label, pairs, rollout
+from stepforge.stages import binary_search, consensus, export, ingest, mc_label, mcts, pairs, rollout
 from stepforge.stages.answers import AnswerChecker
 from stepforge.stages.llm import GenerationCache, GenerationClient, load_backend
 from stepforge.stages.llm.models import resolve_model
@@ -28,6 +28,8 @@ STAGE_TABLES = {
     "ingest": ("problems", "rejects"),
     "rollout": ("rollouts", "nodes", "rejects"),
     "mc_label": ("evaluations", "rollouts", "nodes", "rejects"),
+    "binary_search": ("evaluations", "rollouts", "nodes", "rejects"),
+    "mcts": ("evaluations", "rollouts", "nodes", "rejects"),
     "consensus": ("labels",),
     "pairs": ("pairs", "rejects"),
 }
@@ -56,6 +58,8 @@ class RunContext:
 
     @property
     def model_id(self) -> str:
+        if self.config.backend.kind == "synthetic":
+            return load_backend(self.config.backend).model_id  # no weights: the world's rates are its identity
         return model_id_for(self.config.backend.model)
 
     def client(self) -> GenerationClient:
@@ -128,8 +132,18 @@ def rollout_key(ctx: RunContext, problem_shard: str) -> str:
     return content_hash("rollout", rollout.VERSION, problem_shard, _engine(ctx), ctx.config.rollout.model_dump())
 
 
-def mc_label_key(ctx: RunContext, rollout_shard: str) -> str:
-    return content_hash("mc_label", mc_label.VERSION, rollout_shard, _engine(ctx), ctx.config.mc_label.model_dump())
+LABELLERS = {"mc": mc_label, "binary_search": binary_search, "mcts": mcts}
+"""The labeller modules by config name; each writes evaluations, rollouts, nodes and rejects."""
+
+
+def label_stage(ctx: RunContext) -> str:
+    """The chosen labeller's stage name: its shards live under ``stage=<name>``."""
+    return LABELLERS[ctx.config.labeller].STAGE
+
+
+def label_key(ctx: RunContext, rollout_shard: str) -> str:
+    module = LABELLERS[ctx.config.labeller]
+    return content_hash(module.STAGE, module.VERSION, rollout_shard, _engine(ctx), ctx.config.labeller_config.model_dump())
 
 
 def consensus_key(ctx: RunContext, mc_shard: str) -> str:
@@ -143,8 +157,8 @@ def pairs_key(ctx: RunContext, label_shard: str) -> str:
 def chain_keys(ctx: RunContext, problem_shard: str) -> dict[str, str]:
     """The key of every stage's shard downstream of one problem shard, under this run's config."""
     keys = {"rollout": rollout_key(ctx, problem_shard)}
-    keys["mc_label"] = mc_label_key(ctx, keys["rollout"])
-    keys["consensus"] = consensus_key(ctx, keys["mc_label"])
+    keys["label"] = label_key(ctx, keys["rollout"])
+    keys["consensus"] = consensus_key(ctx, keys["label"])
     keys["pairs"] = pairs_key(ctx, keys["consensus"])
     return keys
 
@@ -158,8 +172,8 @@ def completed_chains(ctx: RunContext) -> tuple[list[dict[str, ShardManifest]], i
     chains, incomplete = [], 0
     for problem_shard in ingest_shards(ctx)[0]:
         chain = {"ingest": problem_shard}
-        for stage, key in chain_keys(ctx, problem_shard.shard).items():
-            chain[stage] = ctx.store.manifest(ctx.run, stage, key)
+        for slot, key in chain_keys(ctx, problem_shard.shard).items():
+            chain[slot] = ctx.store.manifest(ctx.run, label_stage(ctx) if slot == "label" else slot, key)
         if all(chain.values()):
             chains.append(chain)
         else:
@@ -177,18 +191,22 @@ def rollout_shard(ctx: RunContext, key: str, problem_shard: ShardManifest) -> Sh
         return _write(ctx, "rollout", key, records, [problem_shard.shard])
 
 
-def mc_label_shard(ctx: RunContext, key: str, problem_shard: ShardManifest, rollout_manifest: ShardManifest) -> ShardManifest:
-    if (done := ctx.store.manifest(ctx.run, "mc_label", key)) is not None:
+def label_shard(ctx: RunContext, key: str, problem_shard: ShardManifest, rollout_manifest: ShardManifest) -> ShardManifest:
+    """The chosen labeller over one shard of policy rollouts."""
+    stage = label_stage(ctx)
+    if (done := ctx.store.manifest(ctx.run, stage, key)) is not None:
         return done
     problems = _problems(ctx, problem_shard)
     rollouts = ctx.store.read_rows("rollouts", [rollout_manifest])
     nodes = ctx.store.read_rows("nodes", [rollout_manifest])
-    prefixes = {nid for r in rollouts for nid in r["node_ids"][:-1]}
-    with reporter().track(f"mc labels {problem_shard.shard[:8]}", len(prefixes)) as advance:
-        records = mc_label.run(
-            problems, rollouts, nodes, ctx.config.mc_label, ctx.client(), ctx.checker, on_step_done=advance
-        )
-        return _write(ctx, "mc_label", key, records, [rollout_manifest.shard])
+    inputs = (problems, rollouts, nodes, ctx.config.labeller_config, ctx.client(), ctx.checker)
+    if ctx.config.labeller == "mc":
+        prefixes = {nid for r in rollouts for nid in r["node_ids"][:-1]}
+        with reporter().track(f"mc labels {problem_shard.shard[:8]}", len(prefixes)) as advance:
+            return _write(ctx, stage, key, mc_label.run(*inputs, on_step_done=advance), [rollout_manifest.shard])
+    module = LABELLERS[ctx.config.labeller]
+    with reporter().track(f"{stage} {problem_shard.shard[:8]}", len(problems)) as advance:
+        return _write(ctx, stage, key, module.run(*inputs, on_problem_done=advance), [rollout_manifest.shard])
 
 
 def consensus_shard(ctx: RunContext, key: str, mc_manifest: ShardManifest) -> ShardManifest:
@@ -203,12 +221,12 @@ def pairs_shard(
     key: str,
     problem_shard: ShardManifest,
     rollout_manifest: ShardManifest,
-    mc_manifest: ShardManifest,
+    label_stage_manifest: ShardManifest,
     label_manifest: ShardManifest,
 ) -> ShardManifest:
     if (done := ctx.store.manifest(ctx.run, "pairs", key)) is not None:
         return done
-    tree = [rollout_manifest, mc_manifest]
+    tree = [rollout_manifest, label_stage_manifest]
     records = pairs.run(
         _problems(ctx, problem_shard),
         ctx.store.read_rows("rollouts", tree),
@@ -224,10 +242,10 @@ def run_chain(ctx: RunContext, problem_shard: ShardManifest) -> dict[str, ShardM
     keys = chain_keys(ctx, problem_shard.shard)
     chain = {"ingest": problem_shard}
     chain["rollout"] = rollout_shard(ctx, keys["rollout"], problem_shard)
-    chain["mc_label"] = mc_label_shard(ctx, keys["mc_label"], problem_shard, chain["rollout"])
-    chain["consensus"] = consensus_shard(ctx, keys["consensus"], chain["mc_label"])
+    chain["label"] = label_shard(ctx, keys["label"], problem_shard, chain["rollout"])
+    chain["consensus"] = consensus_shard(ctx, keys["consensus"], chain["label"])
     chain["pairs"] = pairs_shard(
-        ctx, keys["pairs"], problem_shard, chain["rollout"], chain["mc_label"], chain["consensus"]
+        ctx, keys["pairs"], problem_shard, chain["rollout"], chain["label"], chain["consensus"]
     )
     return chain
 
@@ -244,8 +262,8 @@ def export_run(ctx: RunContext, chains: list[dict[str, ShardManifest]]) -> list[
         export.run(
             ctx.config.export,
             problems=read("problems", "ingest"),
-            rollouts=read("rollouts", "rollout", "mc_label"),
-            nodes=read("nodes", "rollout", "mc_label"),
+            rollouts=read("rollouts", "rollout", "label"),
+            nodes=read("nodes", "rollout", "label"),
             labels=read("labels", "consensus"),
             pairs=read("pairs", "pairs"),
         )

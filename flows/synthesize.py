@@ -1,4 +1,4 @@
-"""The ``synthesize`` flow: ingest → rollout → mc_label → consensus → pairs → export, shard by shard.
+"""The ``synthesize`` flow: ingest → rollout → label (mc / binary_search / mcts) → consensus → pairs → export.
 
 Thin by design: every task body is a function of ``flows.shards``. Tasks pass shard
 manifests (small dicts naming Parquet files), never data. Each task's Prefect cache key is
@@ -40,10 +40,10 @@ def rollout_task(config: dict, key: str, problem_shard: dict) -> dict:
     return asdict(shards.rollout_shard(_context(config), key, _manifest(problem_shard)))
 
 
-@task(name="mc_label")
-def mc_label_task(config: dict, key: str, problem_shard: dict, rollout_shard: dict) -> dict:
+@task(name="label")
+def label_task(config: dict, key: str, problem_shard: dict, rollout_shard: dict) -> dict:
     ctx = _context(config)
-    return asdict(shards.mc_label_shard(ctx, key, _manifest(problem_shard), _manifest(rollout_shard)))
+    return asdict(shards.label_shard(ctx, key, _manifest(problem_shard), _manifest(rollout_shard)))
 
 
 @task(name="consensus")
@@ -101,18 +101,20 @@ def synthesize(config: dict) -> dict:
     shards.record_run(ctx, "running")
     try:
         problem_shards, reject_shard = ingest_task(config)
-        rollout_t, mc_t, consensus_t, pairs_t = (
-            _cached(t, ctx) for t in (rollout_task, mc_label_task, consensus_task, pairs_task)
+        # The label task takes its labeller's stage name: its shards and cache keys live under it.
+        labeller_task = label_task.with_options(name=shards.label_stage(ctx))
+        rollout_t, label_t, consensus_t, pairs_t = (
+            _cached(t, ctx) for t in (rollout_task, labeller_task, consensus_task, pairs_task)
         )
         chains = []
         for problem_shard in problem_shards:
             keys = shards.chain_keys(ctx, problem_shard["shard"])
             rollout_m = rollout_t(config, keys["rollout"], problem_shard)
-            mc_m = mc_t(config, keys["mc_label"], problem_shard, rollout_m)
-            label_m = consensus_t(config, keys["consensus"], mc_m)
-            pairs_m = pairs_t(config, keys["pairs"], problem_shard, rollout_m, mc_m, label_m)
+            evidence_m = label_t(config, keys["label"], problem_shard, rollout_m)
+            label_m = consensus_t(config, keys["consensus"], evidence_m)
+            pairs_m = pairs_t(config, keys["pairs"], problem_shard, rollout_m, evidence_m, label_m)
             chains.append(
-                {"ingest": problem_shard, "rollout": rollout_m, "mc_label": mc_m, "consensus": label_m, "pairs": pairs_m}
+                {"ingest": problem_shard, "rollout": rollout_m, "label": evidence_m, "consensus": label_m, "pairs": pairs_m}
             )
         exports = export_task(config, chains)
     except BaseException:

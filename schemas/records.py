@@ -44,7 +44,7 @@ class Problem(Record):
     )
 
 
-Origin = Literal["policy", "mc"]
+Origin = Literal["policy", "mc", "mcts"]
 
 
 class Node(Record):
@@ -54,7 +54,9 @@ class Node(Record):
     parent_id: str | None = Field(description="Previous step's node; None for a first step.")
     depth: int = Field(ge=1, description="1 for a first step.")
     text: str = Field(description="The step text as generated (not normalised).")
-    origin: Origin = Field(description="'policy' for a rollout step, 'mc' for a Monte Carlo completion's.")
+    origin: Origin = Field(
+        description="'policy' for a rollout step, 'mc' for a Monte Carlo completion's, 'mcts' for a tree-search expansion's."
+    )
     num_tokens: int = Field(ge=0, description="Tokens of this step, as the policy's tokenizer counts.")
 
     ARROW_SCHEMA: ClassVar[pa.Schema] = pa.schema(
@@ -180,7 +182,11 @@ class Pair(Record):
     TABLE: ClassVar[str] = "pairs"
     pair_id: str
     problem_id: str
-    kind: str = Field(description="How the pair was built; 'step_dpo' (first error vs a correct next step).")
+    kind: str = Field(
+        description="How the pair was built: 'step_dpo' (first error vs a correct next step from the same prefix), "
+        "'sibling' (two labelled steps from one prefix whose values differ by at least a margin), "
+        "'trajectory' (a correct vs an incorrect complete solution of the problem)."
+    )
     prompt: str = Field(description="Problem plus the shared correct prefix.")
     chosen: str
     rejected: str

@@ -16,8 +16,12 @@ from stepforge.schemas.records import Label
 
 STAGE = "consensus"
 VERSION = 1
-POLICY_VERSIONS = {"mc_hard": 1, "mc_soft": 1}
-MC_SOURCES = ("mc", "outcome")
+# v2: tree-search evidence (``mcts``) is pooled too, and a search's inferred -1 verdict sets
+# the confidence of a step no rollout through it has shown to succeed.
+POLICY_VERSIONS = {"mc_hard": 2, "mc_soft": 2}
+# Every source whose n/successes count rollouts that continued the step: Monte Carlo
+# completions (Math-Shepherd, binary search), tree-search backups, and the rollouts' own outcomes.
+MC_SOURCES = ("mc", "mcts", "outcome")
 
 
 class ConsensusConfig(BaseModel):
@@ -49,8 +53,10 @@ def run(evaluations: Iterable[dict], config: ConsensusConfig) -> Iterator[Label]
         sources = "+".join(sorted({e["source"] for e in evidence}))
         if config.policy == "mc_hard":
             label = 1 if successes else -1
-            # A success proves the step can lead to the answer; n failures only make it likely it cannot.
-            confidence = 1.0 if successes else n / (n + 1)
+            # A success proves the step can lead to the answer; n failures only make it likely it
+            # cannot — unless a search showed an earlier step of the same path cannot (its verdict).
+            inferred = [e.get("confidence") or 0.0 for e in evidence if e.get("verdict") == -1]
+            confidence = 1.0 if successes else max([n / (n + 1), *inferred])
             reason = f"{sources}: {successes}/{n} reached the gold answer"
         else:
             label = 1 if value >= config.soft_threshold else -1

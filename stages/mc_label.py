@@ -9,6 +9,10 @@ A rollout's last step is valued by the rollout's own checked outcome.
 Every prefix of every problem is requested at once; the backend batches. Completions are
 stored as ``mc`` rollouts below their prefix node, and their steps as ``mc`` nodes, so the
 tree keeps the evidence (Step-DPO's chosen steps come from it).
+
+Adaptive sampling (``adaptive``) draws a prefix's completions in rounds and stops once its
+label is decided; for a hard label, a policy rollout that already went through the step to
+the right answer decides it before any completion is drawn.
 """
 
 from __future__ import annotations
@@ -18,28 +22,29 @@ import json
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from stepforge.schemas.ids import content_hash
 from stepforge.schemas.records import Evaluation, Problem, Record, Reject
 from stepforge.stages.answers import AnswerChecker
 from stepforge.stages.llm.aio import run_in_order
 from stepforge.stages.llm.base import GenerationClient, GenerationError
-from stepforge.stages.prompting import PromptConfig, SamplingConfig, build_request
-from stepforge.stages.split import SplitConfig
-from stepforge.stages.tree import PathPrefix, TreeBuilder, first_occurrences
+from stepforge.stages.prompting import build_request
+from stepforge.stages.search import AdaptiveConfig, CompletionConfig, labeller_inputs
+from stepforge.stages.tree import PathPrefix, first_occurrences
 
 STAGE = "mc_label"
 VERSION = 1
 
 
-class MCLabelConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class MCLabelConfig(CompletionConfig):
+    """Sampling, prompt and split (shared with the rollout stage) come from ``CompletionConfig``."""
 
     completions_per_step: int = Field(default=8, ge=1, description="K: independent completions per step prefix.")
-    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling of the completions.")
-    prompt: PromptConfig = Field(default_factory=PromptConfig, description="Must match the rollout stage's prompt.")
-    split: SplitConfig = Field(default_factory=SplitConfig, description="Must match the rollout stage's splitting.")
+    adaptive: AdaptiveConfig = Field(
+        default_factory=AdaptiveConfig,
+        description="Sample each prefix in rounds and stop once its label is decided; K stays the cap.",
+    )
 
 
 def step_prefixes(rollouts: Iterable[dict], nodes: dict[str, dict]) -> tuple[dict[str, PathPrefix], dict[str, list[dict]]]:
@@ -67,46 +72,62 @@ def run(
     on_step_done: Callable[[int], None] | None = None,
 ) -> Iterator[Record]:
     """Evaluations (``mc`` for internal steps, ``outcome`` for last steps), completion rollouts and nodes."""
-    nodes_by_id = {n["node_id"]: n for n in nodes}
-    by_problem: dict[str, list[dict]] = defaultdict(list)
-    for rollout in rollouts:
-        if rollout["origin"] == "policy":
-            by_problem[rollout["problem_id"]].append(rollout)
-    builder = TreeBuilder(config.split, checker, client.backend.count_tokens, client.model_id, frozenset(nodes_by_id))
+    nodes_by_id, by_problem, builder = labeller_inputs(rollouts, nodes, config, client, checker)
 
-    async def label_step(problem: Problem, nid: str, prefix: PathPrefix) -> list[Record]:
-        request = build_request(
-            problem.question, list(prefix.texts), config.completions_per_step, config.prompt, config.split,
-            config.sampling,
-        )
+    async def label_step(problem: Problem, nid: str, prefix: PathPrefix, seen: tuple[int, int]) -> list[Record]:
         records: list[Record] = []
         successes = n = cost = 0
-        for index, generation in enumerate(await client.generate_each(request)):
-            if isinstance(generation, GenerationError):
-                records.append(Reject(stage=STAGE, item=f"{nid}#{index}", reason="generation_failed", detail=str(generation)))
-                continue
-            if isinstance(generation, BaseException):
-                raise generation
-            cost += generation.num_tokens
-            rollout, new_nodes, reject = builder.from_generation(
-                STAGE, problem.problem_id, problem.gold_answer, prefix, generation, "mc", index
+        k, adaptive = config.completions_per_step, config.adaptive
+        if adaptive.enabled and adaptive.target == "hard" and seen[1]:
+            # A policy rollout through this step already reached the answer: the hard label is
+            # decided before any completion (every step of a correct solution costs nothing).
+            if on_step_done:
+                on_step_done(1)
+            return [
+                Evaluation(
+                    evaluation_id=content_hash("eval", nid, "mc", client.model_id, config.model_dump()),
+                    node_id=nid, problem_id=problem.problem_id, source="mc", value=seen[1] / seen[0], n=seen[0],
+                    successes=seen[1], model=client.model_id, cost_tokens=0,
+                    meta=json.dumps({"k": k, "temperature": config.sampling.temperature, "adaptive": True,
+                                     "stopped_early": True, "from_policy_rollouts": True}),
+                )
+            ]
+        batch = adaptive.batch if adaptive.enabled else k
+        # Rounds draw sample indices 0, 1, 2, ... of the same prompt, so an adaptive run's
+        # completions are exactly the first ones a full K-sample run draws (and share its cache).
+        while n < k and not adaptive.decided(successes, n):
+            request = build_request(
+                problem.question, list(prefix.texts), min(batch, k - n), config.prompt, config.split, config.sampling
             )
-            records.extend(new_nodes)
-            if reject is not None:
-                # An empty continuation of a prefix is a failed attempt, not a missing one.
-                records.append(reject)
+            for index, generation in enumerate(await client.generate_each(request, start=n), n):
                 n += 1
-                continue
-            records.append(rollout)
-            n += 1
-            successes += bool(rollout.outcome)
-        if n:
+                if isinstance(generation, GenerationError):
+                    # A failed sample counts as drawn (it cost an attempt) but not as evidence.
+                    records.append(
+                        Reject(stage=STAGE, item=f"{nid}#{index}", reason="generation_failed", detail=str(generation))
+                    )
+                    continue
+                if isinstance(generation, BaseException):
+                    raise generation
+                cost += generation.num_tokens
+                rollout, new_nodes, reject = builder.from_generation(
+                    STAGE, problem.problem_id, problem.gold_answer, prefix, generation, "mc", index
+                )
+                records.extend(new_nodes)
+                # An empty continuation of a prefix is a failed attempt, not a missing one.
+                records.append(rollout or reject)
+                successes += bool(rollout and rollout.outcome)
+        failed = sum(1 for r in records if isinstance(r, Reject) and r.reason == "generation_failed")
+        if n - failed:
             records.append(
                 Evaluation(
                     evaluation_id=content_hash("eval", nid, "mc", client.model_id, config.model_dump()),
-                    node_id=nid, problem_id=problem.problem_id, source="mc", value=successes / n, n=n,
-                    successes=successes, model=client.model_id, cost_tokens=cost,
-                    meta=json.dumps({"k": config.completions_per_step, "temperature": config.sampling.temperature}),
+                    node_id=nid, problem_id=problem.problem_id, source="mc", value=successes / (n - failed),
+                    n=n - failed, successes=successes, model=client.model_id, cost_tokens=cost,
+                    meta=json.dumps(
+                        {"k": k, "temperature": config.sampling.temperature, "adaptive": adaptive.enabled,
+                         "stopped_early": n < k}
+                    ),
                 )
             )
         if on_step_done:
@@ -127,7 +148,13 @@ def run(
                 )
             )
         # Sorted so that the order of work (and of output rows) never depends on rollout order.
-        for part in await asyncio.gather(*(label_step(problem, nid, internal[nid]) for nid in sorted(internal))):
+        seen: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # policy rollouts through a step, of which correct
+        for rollout in by_problem.get(problem.problem_id, []):
+            for step in rollout["node_ids"]:
+                seen[step][0] += 1
+                seen[step][1] += bool(rollout["outcome"])
+        steps = sorted(internal)
+        for part in await asyncio.gather(*(label_step(problem, nid, internal[nid], tuple(seen[nid])) for nid in steps)):
             records.extend(part)
         return first_occurrences(records, set())
 

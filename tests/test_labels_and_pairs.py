@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stepforge.schemas.ids import node_id
+from stepforge.schemas.ids import content_hash, node_id
 from stepforge.schemas.records import Pair, Problem, Reject
 from stepforge.stages import consensus, pairs
 from stepforge.stages.split import SplitConfig, join_prefix, split_steps
@@ -25,11 +25,14 @@ def rollout(rid: str, ids: list[str], outcome: bool, origin: str = "policy", pre
             "node_ids": ids, "outcome": outcome}
 
 
-def nodes_for(*paths_texts: tuple[str, ...]) -> list[dict]:
+def nodes_for(*paths_texts: tuple[str, ...], origin: str = "policy") -> list[dict]:
     out = {}
     for texts in paths_texts:
-        for nid, text in zip(path(*texts), texts):
-            out[nid] = {"node_id": nid, "text": text}
+        parent = None
+        for depth, (nid, text) in enumerate(zip(path(*texts), texts), 1):
+            out[nid] = {"node_id": nid, "problem_id": "p", "parent_id": parent, "depth": depth, "text": text,
+                        "origin": origin}
+            parent = nid
     return list(out.values())
 
 
@@ -47,7 +50,7 @@ def test_consensus_mc_hard_and_soft():
     assert (hard["b"].label, hard["b"].confidence) == (-1, 0.8)
     assert hard["c"].value == 0.75 and hard["c"].reason.startswith("mc+outcome")
     soft = {lab.node_id: lab for lab in consensus.run(evaluations, consensus.ConsensusConfig(policy="mc_soft"))}
-    assert soft["a"].label == -1 and soft["c"].label == 1 and soft["a"].policy == "mc_soft@1"
+    assert soft["a"].label == -1 and soft["c"].label == 1 and soft["a"].policy == f"mc_soft@{consensus.POLICY_VERSIONS['mc_soft']}"
 
 
 def test_step_dpo_pair_at_first_error_with_a_correct_continuation_of_the_same_prefix():
@@ -130,3 +133,179 @@ def test_the_best_evidenced_alternative_is_chosen_and_policy_rollouts_count_as_c
     out = [p for p in pairs.run([PROBLEM], rollouts, tree_nodes, labels, pairs.PairsConfig()) if isinstance(p, Pair)]
     assert len(out) == 1
     assert (out[0].chosen, out[0].chosen_value) == ("b-sure", 1.0), "2/2 beats 1/2"
+
+
+# ---------------------------------------------------------------------------------------------
+# Sibling pairs (MCTS-DPO / Tree-PLV) and trajectory pairs.
+
+
+def label(nid: str, value: float | None, lab: int, policy: str = "mc_hard@1") -> dict:
+    return {"node_id": nid, "problem_id": "p", "label": lab, "value": value, "confidence": 1.0, "policy": policy}
+
+
+def only(kind: str, records) -> list[Pair]:
+    out = list(records)
+    assert all(isinstance(r, Pair) and r.kind == kind for r in out), out
+    return out
+
+
+# Root children a-good (0.9), a-ok (0.5), a-bad (0.0), a-none (no value); under a-good: b-best (1.0, an MC
+# node), b-near (0.8), b-mid (0.7), b-low (0.4).
+SIBLING_TREE = [("a-good", "b-best"), ("a-good", "b-near"), ("a-good", "b-mid"), ("a-good", "b-low"),
+                ("a-ok",), ("a-bad",), ("a-none",)]
+SIBLING_VALUES = {("a-good",): (0.9, 1), ("a-ok",): (0.5, 1), ("a-bad",): (0.0, -1), ("a-none",): (None, 1),
+                  ("a-good", "b-best"): (1.0, 1), ("a-good", "b-near"): (0.8, 1), ("a-good", "b-mid"): (0.7, 1),
+                  ("a-good", "b-low"): (0.4, -1)}
+
+
+def sibling_inputs():
+    tree_nodes = nodes_for(*SIBLING_TREE[1:]) + nodes_for(SIBLING_TREE[0], origin="mc")
+    labels = [label(path(*texts)[-1], value, lab) for texts, (value, lab) in SIBLING_VALUES.items()]
+    return tree_nodes, labels
+
+
+def test_sibling_pairs_respect_the_margin_and_record_it():
+    tree_nodes, labels = sibling_inputs()
+    config = pairs.PairsConfig(kinds=["sibling"])
+    out = only("sibling", pairs.run([PROBLEM], [], tree_nodes, labels, config))
+    got = {(p.chosen, p.rejected): p for p in out}
+    assert set(got) == {
+        ("a-good", "a-bad"), ("a-ok", "a-bad"), ("a-good", "a-ok"),  # 0.9, 0.5, 0.4
+        ("b-best", "b-low"), ("b-near", "b-low"), ("b-mid", "b-low"),  # 0.6, 0.4, 0.7-0.4 (float noise < 0.3)
+        ("b-best", "b-mid"),  # exactly 0.3; b-best/b-near (0.2) and b-near/b-mid (0.1) are below the margin
+    }
+    pair = got[("b-near", "b-low")]
+    good = path("a-good")[0]
+    assert pair.prompt == "Q?\n\na-good\n\n" and pair.prefix_node_id == good
+    assert (pair.chosen_node_id, pair.rejected_node_id) == (path("a-good", "b-near")[1], path("a-good", "b-low")[1])
+    assert (pair.chosen_value, pair.rejected_value) == (0.8, 0.4) and pair.margin == pytest.approx(0.4)
+    assert pair.pair_id == content_hash("pair", "sibling", good, pair.chosen_node_id, pair.rejected_node_id)
+    assert pair.sources == "mc_hard@1"
+    root = got[("a-good", "a-bad")]
+    assert root.prompt == "Q?\n\n" and root.prefix_node_id is None and root.margin == pytest.approx(0.9)
+    assert all(p.margin == pytest.approx(p.chosen_value - p.rejected_value) for p in out)
+    assert [p.margin for p in out] == sorted((p.margin for p in out), reverse=True), "largest margins first"
+    wide = only("sibling", pairs.run([PROBLEM], [], tree_nodes, labels, pairs.PairsConfig(kinds=["sibling"], sibling_margin=0.5)))
+    assert {(p.chosen, p.rejected) for p in wide} == {("a-good", "a-bad"), ("a-ok", "a-bad"), ("b-best", "b-low")}
+
+
+def test_sibling_pairs_are_deduplicated_and_capped_by_margin_then_id():
+    tree_nodes, labels = sibling_inputs()
+    # The same nodes stored by two shards, and the same labels twice.
+    out = only("sibling", pairs.run([PROBLEM], [], tree_nodes + tree_nodes, labels + labels,
+                                    pairs.PairsConfig(kinds=["sibling"])))
+    assert len(out) == 7 and len({p.pair_id for p in out}) == 7
+    capped = only("sibling", pairs.run([PROBLEM], [], tree_nodes, labels,
+                                       pairs.PairsConfig(kinds=["sibling"], max_sibling_pairs_per_problem=3)))
+    assert [(p.chosen, p.rejected) for p in capped] == [("a-good", "a-bad"), ("b-best", "b-low"), ("a-ok", "a-bad")]
+    # A tie in margin is broken by pair_id: two prefixes, each with a 1.0 / 0.0 pair of children.
+    tie_nodes = nodes_for(("x", "x-right"), ("x", "x-wrong"), ("y", "y-right"), ("y", "y-wrong"))
+    tie_labels = [label(path(*t)[-1], v, lab) for t, v, lab in [
+        (("x",), 0.5, 1), (("y",), 0.5, 1), (("x", "x-right"), 1.0, 1), (("x", "x-wrong"), 0.0, -1),
+        (("y", "y-right"), 1.0, 1), (("y", "y-wrong"), 0.0, -1)]]
+    config = pairs.PairsConfig(kinds=["sibling"], max_sibling_pairs_per_problem=1)
+    kept = only("sibling", pairs.run([PROBLEM], [], tie_nodes, tie_labels, config))
+    both = only("sibling", pairs.run([PROBLEM], [], tie_nodes, tie_labels, pairs.PairsConfig(kinds=["sibling"])))
+    assert len(both) == 2 and [p.pair_id for p in kept] == [min(p.pair_id for p in both)]
+    reversed_input = only("sibling", pairs.run([PROBLEM], [], tie_nodes[::-1], tie_labels[::-1], config))
+    assert reversed_input == kept, "the choice does not depend on input order"
+
+
+def test_sibling_pairs_need_values_and_labels_that_agree():
+    tree_nodes = nodes_for(("c-high",), ("c-low",), ("c-unlabelled",))
+    # Values say c-high is better, the hard labels say the opposite (e.g. two labellers disagree): no pair.
+    labels = [label(path("c-high")[0], 0.9, -1), label(path("c-low")[0], 0.1, 1)]
+    assert list(pairs.run([PROBLEM], [], tree_nodes, labels, pairs.PairsConfig(kinds=["sibling"]))) == []
+    labels = [label(path("c-high")[0], 0.9, 1), label(path("c-low")[0], 0.1, -1)]
+    out = only("sibling", pairs.run([PROBLEM], [], tree_nodes, labels, pairs.PairsConfig(kinds=["sibling"])))
+    assert [(p.chosen, p.rejected) for p in out] == [("c-high", "c-low")]
+
+
+def test_sibling_margin_must_be_positive():
+    with pytest.raises(ValueError):
+        pairs.PairsConfig(sibling_margin=0.0)
+
+
+TRAJECTORIES = {
+    # name: (texts, outcome, origin, step values)
+    "g-sure": (("s1", "s2-a", "end 72"), True, "policy", (0.9, 1.0, 1.0)),
+    "g-lucky": (("s1", "s2-b", "end 72"), True, "policy", (0.9, 0.2, 1.0)),
+    "w-close": (("s1", "s2-c", "end 70"), False, "policy", (0.9, 0.5, 0.0)),
+    "w-far": (("t1", "t2", "end 5"), False, "policy", (0.1, 0.0, 0.0)),
+    "w-mid": (("t1", "t3", "end 6"), False, "policy", (0.1, 0.4, None)),
+    "unchecked": (("u1", "end ?"), None, "policy", (0.5, 0.5)),
+    "mc-right": (("s1", "s2-d", "end 72"), True, "mc", (None, None, None)),
+}
+
+
+def trajectory_inputs(names=TRAJECTORIES):
+    rollouts, tree_nodes, labels = [], [], []
+    for name in names:
+        texts, outcome, origin, values = TRAJECTORIES[name]
+        ids = path(*texts)
+        rollouts.append(rollout(f"r-{name}", ids, outcome, origin=origin))
+        tree_nodes += nodes_for(texts)
+        labels += [label(nid, v, 1 if v else -1) for nid, v in zip(ids, values) if v is not None]
+    return rollouts, tree_nodes, labels
+
+
+def test_trajectory_pairs_best_correct_against_worst_incorrect():
+    rollouts, tree_nodes, labels = trajectory_inputs()
+    # The same path sampled twice is one solution.
+    rollouts.append(rollout("r-g-sure-again", path(*TRAJECTORIES["g-sure"][0]), True))
+    config = pairs.PairsConfig(kinds=["trajectory"])
+    out = only("trajectory", pairs.run([PROBLEM], rollouts, tree_nodes, labels, config))
+    # Correct ranked best first (mean step value): g-sure 0.967, g-lucky 0.7; wrong worst first: w-far 0.033,
+    # w-mid 0.25 (mean of its known values), w-close 0.467. Three pairs, cycling the two correct solutions.
+    assert [(p.chosen_node_id, p.rejected_node_id) for p in out] == [
+        (path(*TRAJECTORIES[c][0])[-1], path(*TRAJECTORIES[w][0])[-1])
+        for c, w in [("g-sure", "w-far"), ("g-lucky", "w-mid"), ("g-sure", "w-close")]
+    ]
+    first = out[0]
+    assert first.prompt == "Q?\n\n" and first.prefix_node_id is None and first.sources == "outcome"
+    assert (first.chosen, first.rejected) == ("s1\n\ns2-a\n\nend 72", "t1\n\nt2\n\nend 5")
+    assert first.chosen_value == pytest.approx(2.9 / 3) and first.rejected_value == pytest.approx(0.1 / 3)
+    assert first.margin == pytest.approx(2.8 / 3)
+    assert first.pair_id == content_hash("pair", "trajectory", None, first.chosen_node_id, first.rejected_node_id)
+    assert out[1].rejected_value == pytest.approx(0.25)
+    assert len({p.pair_id for p in out}) == 3
+    capped = only("trajectory", pairs.run([PROBLEM], rollouts, tree_nodes, labels,
+                                          pairs.PairsConfig(kinds=["trajectory"], max_trajectory_pairs_per_problem=2)))
+    assert capped == out[:2]
+    newline = only("trajectory", pairs.run([PROBLEM], rollouts, tree_nodes, labels,
+                                           pairs.PairsConfig(kinds=["trajectory"], split=SplitConfig(mode="newline"))))
+    assert newline[0].chosen == "s1\ns2-a\nend 72" and newline[0].prompt == "Q?\n\n"
+
+
+def test_trajectory_pairs_take_only_the_configured_origins_and_need_both_outcomes():
+    rollouts, tree_nodes, labels = trajectory_inputs(["mc-right", "w-far", "unchecked"])
+    config = pairs.PairsConfig(kinds=["trajectory"])
+    assert list(pairs.run([PROBLEM], rollouts, tree_nodes, labels, config)) == [], "mc is not a trajectory origin by default"
+    with_mc = pairs.PairsConfig(kinds=["trajectory"], trajectory_origins=["policy", "mc"])
+    out = only("trajectory", pairs.run([PROBLEM], rollouts, tree_nodes, labels, with_mc))
+    assert [(p.chosen, p.rejected) for p in out] == [("s1\n\ns2-d\n\nend 72", "t1\n\nt2\n\nend 5")]
+    assert out[0].chosen_value == 1.0, "no step of the chosen side has a value: its outcome stands in"
+    # The unchecked rollout is on neither side.
+    assert all(path("u1", "end ?")[-1] not in (p.chosen_node_id, p.rejected_node_id) for p in out)
+
+
+def test_kinds_select_the_constructions_and_step_dpo_stays_the_default():
+    wrong, right = ("48/2 = 24", "24+48 = 82"), ("48/2 = 24", "24+48 = 72")
+    wrong_ids, right_ids = path(*wrong), path(*right)
+    tree_nodes = nodes_for(wrong, right)
+    rollouts = [rollout("w", wrong_ids, False), rollout("r", right_ids, True)]
+    labels = [label(wrong_ids[0], 0.5, 1), label(wrong_ids[1], 0.0, -1), label(right_ids[1], 1.0, 1)]
+    default = list(pairs.run([PROBLEM], rollouts, tree_nodes, labels, pairs.PairsConfig()))
+    assert [p.kind for p in default] == ["step_dpo"]
+    every = list(pairs.run([PROBLEM], rollouts, tree_nodes, labels,
+                           pairs.PairsConfig(kinds=["step_dpo", "sibling", "trajectory"])))
+    assert [p.kind for p in every] == ["step_dpo", "sibling", "trajectory"]
+    assert every[0] == default[0]
+    step, sibling = every[0], every[1]
+    # The same contrast as a sibling pair: same texts and nodes, its own id and kind.
+    assert (sibling.prompt, sibling.chosen, sibling.rejected) == (step.prompt, step.chosen, step.rejected)
+    assert sibling.pair_id != step.pair_id
+    # Without step_dpo there are no Step-DPO rejects either.
+    alone = [rollout("w", wrong_ids, False)]
+    assert all(isinstance(r, Reject) for r in pairs.run([PROBLEM], alone, tree_nodes, labels, pairs.PairsConfig()))
+    assert list(pairs.run([PROBLEM], alone, tree_nodes, labels, pairs.PairsConfig(kinds=["trajectory"]))) == []

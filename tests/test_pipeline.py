@@ -123,7 +123,7 @@ def test_labels_follow_the_mc_hard_policy(finished_run):
     evaluated = rows(catalog, "select count(distinct node_id) n from evaluations")[0]["n"]
     assert len(labels) == evaluated
     for label in labels:
-        assert label["policy"] == "mc_hard@1"
+        assert label["policy"] == "mc_hard@2"
         assert label["label"] == (1 if label["value"] > 0 else -1)
 
 
@@ -186,7 +186,7 @@ def test_changing_the_label_policy_relabels_without_generating(finished_run):
     result = synthesize(soft.model_dump(mode="json"))
     assert result["generation"].get("samples", 0) == 0, "rollout and mc_label shards are reused as they are"
     prm = datasets.load_from_disk({e["dataset"]: e for e in result["exports"]}["prm_stepwise"]["path"])
-    assert set(prm["label_policy"]) == {"mc_soft@1"}, "the export holds only the current policy's labels"
+    assert set(prm["label_policy"]) == {"mc_soft@2"}, "the export holds only the current policy's labels"
 
 
 def test_prefect_serves_complete_shards_from_its_cache(finished_run):

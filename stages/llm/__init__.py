@@ -14,12 +14,17 @@ from stepforge.stages.llm.base import (
     GenerationRequest,
 )
 from stepforge.stages.llm.cache import GenerationCache
+from stepforge.stages.llm.synthetic import WorldConfig
 
 
 class BackendConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["llamacpp"] = Field(default="llamacpp", description="Which engine runs the policy.")
+    kind: Literal["llamacpp", "synthetic"] = Field(
+        default="llamacpp",
+        description="Which engine runs the policy: llamacpp (a GGUF model on the CPU) or synthetic (the synthetic "
+        "world's arithmetic policy with known mistakes: a measuring instrument for labellers, not a model).",
+    )
     model: str = Field(
         default="smollm2-135m",
         description="smollm2-135m, qwen2.5-coder-1.5b (packaged GGUFs) or a path to a local .gguf file.",
@@ -29,6 +34,14 @@ class BackendConfig(BaseModel):
     max_in_flight: int = Field(
         default=64, ge=1, description="Samples handed to the engine at once; llama.cpp orders them to reuse its KV cache."
     )
+    world: WorldConfig = Field(
+        default_factory=WorldConfig, description="Error rates of the synthetic world's policy (kind: synthetic only)."
+    )
+
+    @property
+    def model_label(self) -> str:
+        """What to call the policy in logs and summaries."""
+        return "synthetic-world" if self.kind == "synthetic" else self.model
 
 
 _LOADED: dict[BackendConfig, Backend] = {}
@@ -36,6 +49,11 @@ _LOADED: dict[BackendConfig, Backend] = {}
 
 def load_backend(config: BackendConfig) -> Backend:
     """The backend for ``config``, loaded once per process (weights are large; stages share them)."""
+    if config not in _LOADED and config.kind == "synthetic":
+        from stepforge.stages.llm.synthetic import SyntheticBackend
+
+        _LOADED[config] = SyntheticBackend(config.world)
+        _LOADED[config].max_in_flight = config.max_in_flight
     if config not in _LOADED:
         from stepforge.stages.llm.llamacpp import LlamaCppBackend
 
@@ -53,5 +71,5 @@ def unload_backends() -> None:
 
 __all__ = [
     "Backend", "BackendConfig", "Generation", "GenerationCache", "GenerationClient", "GenerationError",
-    "GenerationRequest", "load_backend", "unload_backends",
+    "GenerationRequest", "WorldConfig", "load_backend", "unload_backends",
 ]

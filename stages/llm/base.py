@@ -181,16 +181,20 @@ class GenerationClient:
             self._semaphore, self._loop = asyncio.Semaphore(self.max_in_flight), loop
         return self._semaphore
 
-    async def generate(self, request: GenerationRequest) -> list[Generation]:
-        """``request.n`` independent samples, each replayed from the cache when present."""
+    async def generate(self, request: GenerationRequest, start: int = 0) -> list[Generation]:
+        """``request.n`` independent samples (indices ``start`` … ``start + n - 1``), each replayed
+        from the cache when present. Asking for more samples of one prompt later (adaptive
+        sampling, repeated simulations) continues the index, so earlier samples are never redrawn."""
         self.stats.requests += 1
-        return list(await asyncio.gather(*(self._sample(request, i) for i in range(request.n))))
+        return list(await asyncio.gather(*(self._sample(request, i) for i in range(start, start + request.n))))
 
-    async def generate_each(self, request: GenerationRequest) -> list[Generation | GenerationError]:
+    async def generate_each(self, request: GenerationRequest, start: int = 0) -> list[Generation | GenerationError]:
         """Like ``generate``, but a failed sample is returned as its error instead of failing the rest."""
         self.stats.requests += 1
         return list(
-            await asyncio.gather(*(self._sample(request, i) for i in range(request.n)), return_exceptions=True)
+            await asyncio.gather(
+                *(self._sample(request, i) for i in range(start, start + request.n)), return_exceptions=True
+            )
         )
 
     async def _sample(self, request: GenerationRequest, index: int) -> Generation:
