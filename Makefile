@@ -31,6 +31,7 @@ test-fast: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/pipeline_overhead.py
+	$(BIN)/python benchmarks/labellers.py synthetic
 
 # Re-pin after changing dependencies: resolves in a fresh venv, writes requirements.lock.
 lock:
