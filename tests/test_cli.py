@@ -30,3 +30,37 @@ def test_exporting_an_unknown_run_says_so(tmp_path):
     result = CliRunner().invoke(app, ["export", "--store", str(tmp_path), "--run", "missing"])
     assert result.exit_code == 1
     assert "no run 'missing'" in result.output
+
+
+def test_world_command_writes_problems_the_ingest_reads(tmp_path):
+    import json
+
+    result = CliRunner().invoke(app, ["world", "problems", "--n", "3", "--steps", "2-4", "--seed", "5"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.output.splitlines()]
+    assert len(rows) == 3 and all("####" in r["answer"] for r in rows)
+
+
+def test_run_takes_the_labeller_from_the_command_line(prefect_harness, tmp_path):
+    """`stepforge run CONFIG --labeller mcts` overrides the config's labeller; the summary names it."""
+    import json
+
+    import yaml
+
+    from stepforge.stages.llm.synthetic import make_problems
+    from stepforge.storage.catalog import Catalog
+
+    source = tmp_path / "world.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in make_problems(2, 3, seed=1)))
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "run": "cli", "store": str(tmp_path / "store"), "labeller": "mc",
+        "backend": {"kind": "synthetic"}, "ingest": {"source": str(source), "format": "gsm8k"},
+        "rollout": {"samples_per_problem": 2}, "mcts": {"iterations": 4, "breadth": 2},
+    }))
+    result = CliRunner().invoke(app, ["run", str(config), "--labeller", "mcts"])
+    assert result.exit_code == 0, result.output
+    assert "labeller mcts" in result.output and "synthetic-world" in result.output
+    with Catalog(tmp_path / "store") as catalog:
+        catalog.refresh(run="cli")
+        assert {r["source"] for r in catalog.query("select distinct source from evaluations").to_pylist()} == {"mcts"}

@@ -21,16 +21,20 @@ FIXTURES = Path(__file__).parent / "fixtures"
 pytestmark = pytest.mark.slow
 
 
-def write_config(tmp: Path, name: str) -> Path:
+def write_config(tmp: Path, name: str, labeller: str = "mc") -> Path:
+    sampling = {"max_tokens": 40, "temperature": 0.9, "seed": 1}
     config = {
         "run": "resume",
+        "labeller": labeller,
         "store": str(tmp / name),
         "shard_size": 1,
         "backend": {"model": "smollm2-135m", "n_ctx": 2048, "max_in_flight": 8},
         "ingest": {"source": str(FIXTURES / "gsm8k_sample.jsonl"), "format": "gsm8k", "limit": 2},
         "split": {"mode": "newline"},
         "rollout": {"samples_per_problem": 2, "sampling": {"max_tokens": 48, "temperature": 0.9}},
-        "mc_label": {"completions_per_step": 3, "sampling": {"max_tokens": 40, "temperature": 0.9, "seed": 1}},
+        "mc_label": {"completions_per_step": 3, "sampling": sampling},
+        "binary_search": {"completions_per_prefix": 3, "sampling": sampling},
+        "mcts": {"iterations": 3, "breadth": 2, "sampling": sampling},
     }
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -74,13 +78,14 @@ def generation_record(store: Path) -> dict:
     return json.loads((store / "runs" / "resume.json").read_text())["generation"]
 
 
-def test_sigkilled_run_resumes_to_identical_output_without_regenerating(tmp_path):
-    finish(start(write_config(tmp_path, "whole"), tmp_path))
+@pytest.mark.parametrize("labeller", ["mc", "binary_search", "mcts"])
+def test_sigkilled_run_resumes_to_identical_output_without_regenerating(tmp_path, labeller):
+    finish(start(write_config(tmp_path, "whole", labeller), tmp_path))
     whole = tmp_path / "whole"
     total = generation_record(whole)["generated"]
     assert total == cached_samples(whole) and total > 6
 
-    victim = start(write_config(tmp_path, "killed"), tmp_path)
+    victim = start(write_config(tmp_path, "killed", labeller), tmp_path)
     killed = tmp_path / "killed"
     deadline = time.monotonic() + 600
     while cached_samples(killed) < total // 2:
@@ -94,7 +99,7 @@ def test_sigkilled_run_resumes_to_identical_output_without_regenerating(tmp_path
     assert not (killed / "runs" / "resume.json").exists() or json.loads(
         (killed / "runs" / "resume.json").read_text())["status"] == "running"
 
-    finish(start(write_config(tmp_path, "killed"), tmp_path))
+    finish(start(write_config(tmp_path, "killed", labeller), tmp_path))
     resumed = generation_record(killed)
     assert resumed["generated"] == total - survived, "every sample generated before the kill is replayed, not redone"
     assert resumed["cache_hits"] > 0, "the interrupted shard replays its cached samples"
