@@ -64,3 +64,15 @@ def test_run_takes_the_labeller_from_the_command_line(prefect_harness, tmp_path)
     with Catalog(tmp_path / "store") as catalog:
         catalog.refresh(run="cli")
         assert {r["source"] for r in catalog.query("select distinct source from evaluations").to_pylist()} == {"mcts"}
+
+
+def test_every_shipped_config_validates():
+    """configs/*.yaml are documentation users copy: each must load as a RunConfig."""
+    from pathlib import Path
+
+    from stepforge.flows.config import RunConfig
+
+    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert len(configs) >= 3
+    for path in configs:
+        RunConfig.from_yaml(path)
