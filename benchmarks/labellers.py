@@ -173,7 +173,8 @@ def real(args) -> list[dict]:
             ids.append(nid)
             parent = nid
         rid = row["id"]
-        rollouts.append({"rollout_id": rid, "problem_id": problem.problem_id, "origin": "policy", "node_ids": ids,
+        rollouts.append({"rollout_id": rid, "problem_id": problem.problem_id, "origin": "policy", "sample_index": 0,
+                         "node_ids": ids,
                          "outcome": bool(row["final_answer_correct"]), "num_tokens": sum(len(s.split()) for s in row["steps"])})
         human[rid] = row["label"]
     backend = LlamaCppBackend(args.model, n_ctx=4096, max_in_flight=64)

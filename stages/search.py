@@ -241,4 +241,8 @@ def seed_policy_rollouts(search: ProblemSearch, rollouts: Iterable[dict]) -> lis
     ordered = sorted(rollouts, key=lambda r: r["rollout_id"])
     for rollout in ordered:
         search.add_rollout(rollout["node_ids"], rollout["outcome"], None)
+    # The policy rollouts are root samples 0..n-1 of the rollout stage's request: a search that
+    # samples the root with the same sampling must continue after them, not draw them again.
+    if ordered:
+        search.drawn[ROOT] = max(search.drawn[ROOT], 1 + max(r["sample_index"] for r in ordered))
     return ordered
