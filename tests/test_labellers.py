@@ -93,6 +93,7 @@ def test_binary_search_finds_the_first_error_in_at_most_ceil_log2_m_probes(lengt
     right = solve(backend, problem)
     assert len(right) == length
     config = binary_search.BinarySearchConfig(completions_per_prefix=4, sampling=SAMPLING)
+    probe_counts = []
     for error_at in range(length):
         prefix = right[:error_at] + [with_slip(right[error_at])]
         steps = solve(backend, problem, prefix) if error_at < length - 1 else prefix
@@ -103,11 +104,13 @@ def test_binary_search_finds_the_first_error_in_at_most_ceil_log2_m_probes(lengt
         result = asyncio.run(binary_search.search_first_error(search, "r0", rollout["node_ids"], 0, config))
         assert result.first_error == error_at
         assert len(result.probes) <= math.ceil(math.log2(length))
+        probe_counts.append(len(result.probes))
         # Only probes that no earlier rollout answered cost completions: k each, nothing else.
         paid = [p for p in result.probes if not p["reused"]]
         assert search.completions == 4 * len(paid)
         positions = [p["position"] for p in result.probes]
         assert positions == sorted(set(positions), key=positions.index), "no prefix is probed twice"
+    assert max(probe_counts) == math.ceil(math.log2(length)), "some first error needs all ⌈log₂M⌉ probes (none is skipped)"
 
 
 def test_binary_search_reuses_rollouts_a_correct_solution_costs_nothing(checker):
