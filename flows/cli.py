@@ -1,4 +1,4 @@
-"""``stepforge``: run the pipeline, query any table with SQL, re-export a run."""
+"""``stepforge``: run the pipeline, query any table with SQL, re-export a run, drive the synthetic world."""
 
 from __future__ import annotations
 
