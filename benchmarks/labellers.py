@@ -14,7 +14,7 @@ consensus; predicted first error = the first step labelled -1. "completions" cou
 completions the labeller asked for (cache hits included: a labeller's cost must not depend on
 what ran before it), "tokens" the tokens of those completions.
 
-    python benchmarks/labellers.py synthetic            # ~1 min
+    python benchmarks/labellers.py synthetic            # ~1 min (--recover 0.3, --phrasings 4: variants)
     python benchmarks/labellers.py real --rows 4 --k 4  # ~30-60 min with Qwen2.5-Coder-1.5B on 2 cores
 """
 
@@ -120,7 +120,7 @@ def synthetic(args) -> list[dict]:
     out = []
     for slip, wrong_op in ((0.05, 0.05), (0.1, 0.1), (0.15, 0.15)):
         for lengths in ((3, 4), (6, 8), (10, 12)):
-            world = WorldConfig(slip_rate=slip, wrong_op_rate=wrong_op, recover_rate=args.recover)
+            world = WorldConfig(slip_rate=slip, wrong_op_rate=wrong_op, recover_rate=args.recover, phrasings=args.phrasings)
             backend = SyntheticBackend(world)
             rows = make_problems(args.problems, lengths, seed=args.seed)
             problems = [
@@ -208,6 +208,7 @@ def main() -> None:
     syn.add_argument("--seed", type=int, default=0)
     syn.add_argument("--k", type=int, default=8)
     syn.add_argument("--recover", type=float, default=0.0)
+    syn.add_argument("--phrasings", type=int, default=1, help="wordings per step (1: equal steps are equal text)")
     syn.add_argument("--mcts-iterations", type=int, default=20)
     rl = sub.add_parser("real")
     rl.add_argument("--model", default="qwen2.5-coder-1.5b")

@@ -457,3 +457,21 @@ def test_openai_server_serves_the_backend(server: tuple[str, WorldConfig]) -> No
         assert raw["usage"]["completion_tokens"] == sum(len(c["logprobs"]["tokens"]) for c in raw["choices"])
 
         assert http.post("/v1/chat/completions", json={"messages": messages, "n": 0}).status_code == 422
+
+
+def test_phrasings_vary_the_wording_but_not_the_arithmetic_or_its_truth() -> None:
+    """With phrasings > 1 equal steps are often different text (fewer shared nodes), and every
+    ground-truth function still reads the same arithmetic."""
+    row = make_problems(1, 3, seed=12)[0]
+    varied = SyntheticBackend(WorldConfig(slip_rate=0.0, wrong_op_rate=0.0, phrasings=4))
+    plain = SyntheticBackend(WorldConfig(slip_rate=0.0, wrong_op_rate=0.0))
+    texts = sample_many(varied, chat(row["question"]), range(60))
+    first_steps = {split_steps(t, SplitConfig())[0] for t in texts}
+    assert len(first_steps) == 4, "each of the four wordings appears"
+    assert {tuple(equations(t)) for t in texts} == {tuple(equations(sample_many(plain, chat(row["question"]), range(1))[0]))}
+    assert all(first_error(row["question"], split_steps(t, SplitConfig())) == -1 for t in texts)
+    assert varied.model_id != plain.model_id
+    assert plain.model_id == SyntheticBackend(WorldConfig(slip_rate=0.0, wrong_op_rate=0.0, phrasings=1)).model_id
+    # Greedy decoding picks the first wording, so temperature 0 stays one fixed solution.
+    greedy = {sample(varied, chat(row["question"], temperature=0.0), s).text for s in range(5)}
+    assert len(greedy) == 1

@@ -80,6 +80,16 @@ _SUB_VERBS = ("gives away", "loses", "sells", "uses", "donates")
 _MUL_WORDS = {2: "doubles", 3: "triples"}
 
 
+# How a step may begin before its equation; with ``phrasings`` = n the first n are used.
+_LEAD_INS = (
+    "{name} {phrase}:",
+    "Next, {name} {phrase}, so",
+    "After {name} {phrase}, that is",
+    "Then {name} {phrase}, giving",
+    "Since {name} {phrase}, we get",
+)
+
+
 class WorldConfig(BaseModel):
     """The policy's error model. Every rate enters ``SyntheticBackend.model_id``; ``max_in_flight``
     does not (it never changes a sample)."""
@@ -101,6 +111,13 @@ class WorldConfig(BaseModel):
         default=0.0, ge=0.0, le=1.0,
         description="Probability that a step following a wrong carried value recomputes from the true "
         "value instead (the solution recovers); that step can still err at the rates above.",
+    )
+    phrasings: int = Field(
+        default=1, ge=1, le=len(_LEAD_INS),
+        description="Ways the policy words a step (chosen uniformly per step; the arithmetic is unchanged). "
+        "1: a step's text is a function of its arithmetic, so equal steps are one node, as with a "
+        "deterministic writer; more: equal arithmetic is often different text, as with a real model, so "
+        "rollouts share fewer prefixes.",
     )
     max_in_flight: int = Field(default=256, ge=1, description="Samples the generation client runs at once.")
 
@@ -378,7 +395,9 @@ class SyntheticBackend:
         self.config = config or WorldConfig()
         # The rates are the weights: a different rate must never hit another rate's cache.
         # How many samples run at once never changes a sample, so it stays out of the identity.
-        self.model_id = "synthetic-world@" + content_hash(self.config.model_dump(exclude={"max_in_flight"}))
+        # (``phrasings`` enters only when it is not 1, so worlds from before it keep their ids.)
+        identity = {"max_in_flight"} | ({"phrasings"} if self.config.phrasings == 1 else set())
+        self.model_id = "synthetic-world@" + content_hash(self.config.model_dump(exclude=identity))
         self.max_in_flight = self.config.max_in_flight
 
     async def generate(self, request: GenerationRequest, seed: int) -> Generation:
@@ -463,7 +482,13 @@ class SyntheticBackend:
                     result_lp = _log(slip_given_right_op)
                 else:
                     result_lp = _log(1 - slip_given_right_op)
-            forced(separator() + f"{problem.name} {problem.phrases[index]}:")
+            # The wording is drawn only when there is a choice, so phrasings=1 consumes no randomness.
+            wording = 0 if config.phrasings == 1 or greedy else rng.randrange(config.phrasings)
+            opening = _LEAD_INS[wording].format(name=problem.name, phrase=problem.phrases[index])
+            start = len(tokens)
+            forced(separator() + opening)
+            if config.phrasings > 1:
+                logprobs[start] = _log(1 / config.phrasings)  # the wording choice shows on its first token
             tokens.extend([f" {left}", f" {_SYMBOL[used]}", f" {k}", " =", f" {result}."])
             logprobs.extend([left_lp, op_lp, 0.0, 0.0, result_lp])
             carried = result
