@@ -25,10 +25,10 @@ from collections.abc import Callable, Iterable, Iterator
 from pydantic import Field
 
 from stepforge.schemas.ids import content_hash
-from stepforge.schemas.records import Evaluation, Problem, Record, Reject
+from stepforge.schemas.records import Evaluation, Problem, Record
 from stepforge.stages.answers import AnswerChecker
 from stepforge.stages.llm.aio import run_in_order
-from stepforge.stages.llm.base import GenerationClient, GenerationError
+from stepforge.stages.llm.base import Generation, GenerationClient
 from stepforge.stages.prompting import build_request
 from stepforge.stages.search import AdaptiveConfig, CompletionConfig, labeller_inputs
 from stepforge.stages.tree import PathPrefix, first_occurrences
@@ -76,7 +76,7 @@ def run(
 
     async def label_step(problem: Problem, nid: str, prefix: PathPrefix, seen: tuple[int, int]) -> list[Record]:
         records: list[Record] = []
-        successes = n = cost = 0
+        successes = n = failed = cost = 0
         k, adaptive = config.completions_per_step, config.adaptive
         if adaptive.enabled and adaptive.target == "hard" and seen[1]:
             # A policy rollout through this step already reached the answer: the hard label is
@@ -99,25 +99,18 @@ def run(
             request = build_request(
                 problem.question, list(prefix.texts), min(batch, k - n), config.prompt, config.split, config.sampling
             )
-            for index, generation in enumerate(await client.generate_each(request, start=n), n):
+            for index, result in enumerate(await client.generate_each(request, start=n), n):
                 n += 1
-                if isinstance(generation, GenerationError):
-                    # A failed sample counts as drawn (it cost an attempt) but not as evidence.
-                    records.append(
-                        Reject(stage=STAGE, item=f"{nid}#{index}", reason="generation_failed", detail=str(generation))
-                    )
-                    continue
-                if isinstance(generation, BaseException):
-                    raise generation
-                cost += generation.num_tokens
-                rollout, new_nodes, reject = builder.from_generation(
-                    STAGE, problem.problem_id, problem.gold_answer, prefix, generation, "mc", index
+                rollout, new_nodes, reject = builder.from_result(
+                    STAGE, problem.problem_id, problem.gold_answer, prefix, result, "mc", index, item=f"{nid}#{index}"
                 )
                 records.extend(new_nodes)
-                # An empty continuation of a prefix is a failed attempt, not a missing one.
+                # An empty continuation of a prefix is a failed attempt, not a missing one; a failed
+                # sample counts as drawn (it cost an attempt) but not as evidence.
                 records.append(rollout or reject)
                 successes += bool(rollout and rollout.outcome)
-        failed = sum(1 for r in records if isinstance(r, Reject) and r.reason == "generation_failed")
+                failed += reject is not None and reject.reason == "generation_failed"
+                cost += result.num_tokens if isinstance(result, Generation) else 0
         if n - failed:
             records.append(
                 Evaluation(

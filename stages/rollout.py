@@ -6,10 +6,10 @@ from collections.abc import Callable, Iterable, Iterator
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from stepforge.schemas.records import Problem, Record, Reject
+from stepforge.schemas.records import Problem, Record
 from stepforge.stages.answers import AnswerChecker
 from stepforge.stages.llm.aio import run_in_order
-from stepforge.stages.llm.base import GenerationClient, GenerationError
+from stepforge.stages.llm.base import GenerationClient
 from stepforge.stages.prompting import PromptConfig, SamplingConfig, build_request
 from stepforge.stages.split import SplitConfig
 from stepforge.stages.tree import PathPrefix, TreeBuilder, first_occurrences
@@ -42,16 +42,10 @@ def run(
             problem.question, [], config.samples_per_problem, config.prompt, config.split, config.sampling
         )
         records: list[Record] = []
-        for index, generation in enumerate(await client.generate_each(request)):
-            if isinstance(generation, GenerationError):
-                records.append(
-                    Reject(stage=STAGE, item=f"{problem.problem_id}#{index}", reason="generation_failed", detail=str(generation))
-                )
-                continue
-            if isinstance(generation, BaseException):
-                raise generation
-            rollout, nodes, reject = builder.from_generation(
-                STAGE, problem.problem_id, problem.gold_answer, PathPrefix(), generation, "policy", index
+        for index, result in enumerate(await client.generate_each(request)):
+            rollout, nodes, reject = builder.from_result(
+                STAGE, problem.problem_id, problem.gold_answer, PathPrefix(), result, "policy", index,
+                item=f"{problem.problem_id}#{index}",
             )
             records.extend(nodes)
             records.append(rollout or reject)

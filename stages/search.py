@@ -24,8 +24,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from stepforge.schemas.records import Origin, Problem, Record, Reject, Rollout
-from stepforge.stages.llm.base import GenerationClient, GenerationError
+from stepforge.schemas.records import Origin, Problem, Record, Rollout
+from stepforge.stages.llm.base import Generation, GenerationClient
 from stepforge.stages.prompting import PromptConfig, SamplingConfig, build_request
 from stepforge.stages.split import SplitConfig
 from stepforge.stages.tree import PathPrefix, TreeBuilder, first_occurrences
@@ -168,22 +168,15 @@ class ProblemSearch:
         start = self.drawn[key]
         self.drawn[key] += n
         results: list[Rollout | None] = []
-        for index, generation in enumerate(await self.client.generate_each(request, start=start), start):
-            if isinstance(generation, GenerationError):
-                self._outputs[(key, index)] = [
-                    Reject(stage=self.stage, item=f"{key}#{index}", reason="generation_failed", detail=str(generation))
-                ]
-                self.add_rollout(list(prefix.node_ids), False, nid)
-                results.append(None)
-                continue
-            if isinstance(generation, BaseException):
-                raise generation
-            self.completions += 1
-            self.tokens += generation.num_tokens
-            self.tokens_from[key] += generation.num_tokens
-            rollout, new_nodes, reject = self.builder.from_generation(
-                self.stage, self.problem.problem_id, self.problem.gold_answer, prefix, generation, self.origin, index
+        for index, result in enumerate(await self.client.generate_each(request, start=start), start):
+            rollout, new_nodes, reject = self.builder.from_result(
+                self.stage, self.problem.problem_id, self.problem.gold_answer, prefix, result, self.origin, index,
+                item=f"{key}#{index}",
             )
+            if isinstance(result, Generation):
+                self.completions += 1
+                self.tokens += result.num_tokens
+                self.tokens_from[key] += result.num_tokens
             for node in new_nodes:
                 self.text.setdefault(node.node_id, node.text)
                 self.parent.setdefault(node.node_id, node.parent_id)

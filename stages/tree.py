@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from stepforge.schemas.ids import content_hash, node_id
 from stepforge.schemas.records import Node, Origin, Record, Reject, Rollout
 from stepforge.stages.answers import AnswerChecker, extract_final_answer
-from stepforge.stages.llm.base import Generation
+from stepforge.stages.llm.base import Generation, GenerationError
 from stepforge.stages.split import SplitConfig, split_steps
 
 
@@ -59,6 +59,26 @@ class TreeBuilder:
         self.count_tokens = count_tokens
         self.model = model
         self.known_node_ids = known_node_ids
+
+    def from_result(
+        self,
+        stage: str,
+        problem_id: str,
+        gold_answer: str,
+        prefix: PathPrefix,
+        result: Generation | BaseException,
+        origin: Origin,
+        sample_index: int,
+        item: str,
+    ) -> tuple[Rollout | None, list[Node], Reject | None]:
+        """Like ``from_generation``, for one entry of ``GenerationClient.generate_each``: a failed
+        sample (``GenerationError``) becomes a ``generation_failed`` reject named ``item``; any other
+        exception is a bug and propagates."""
+        if isinstance(result, GenerationError):
+            return None, [], Reject(stage=stage, item=item, reason="generation_failed", detail=str(result))
+        if isinstance(result, BaseException):
+            raise result
+        return self.from_generation(stage, problem_id, gold_answer, prefix, result, origin, sample_index)
 
     def from_generation(
         self,

@@ -389,3 +389,49 @@ def test_mcts_widening_at_the_root_never_redraws_a_policy_rollout(checker):
     assert any(r.prefix_node_id is None for r in mcts_rollouts), "widening sampled at the root"
     assert not policy_keys & {r.generation_key for r in mcts_rollouts}
     assert len({r.rollout_id for r in mcts_rollouts}) == len(mcts_rollouts)
+
+
+class FailEvery:
+    """Wraps a backend and raises on every ``period``-th generation (an injected infrastructure fault)."""
+
+    def __init__(self, inner, period: int):
+        self.inner, self.period, self.count = inner, period, 0
+        self.model_id, self.max_in_flight = inner.model_id, inner.max_in_flight
+
+    async def generate(self, request: GenerationRequest, seed: int):
+        self.count += 1
+        if self.count % self.period == 0:
+            raise RuntimeError("injected: connection reset")
+        return await self.inner.generate(request, seed)
+
+    def count_tokens(self, text: str) -> int:
+        return self.inner.count_tokens(text)
+
+    def close(self) -> None:
+        pass
+
+
+def test_failed_samples_become_generation_failed_rows_and_every_stage_goes_on(checker):
+    from stepforge.stages import rollout
+
+    backend = FailEvery(SyntheticBackend(WorldConfig(slip_rate=0.2, wrong_op_rate=0.1)), period=3)
+    problems = [problem_from(row, i) for i, row in enumerate(make_problems(4, (3, 5), seed=6))]
+    config = rollout.RolloutConfig(samples_per_problem=3, sampling=SamplingConfig(temperature=1.0, max_tokens=400))
+    records = list(rollout.run(problems, config, GenerationClient(backend), checker))
+    failed = [r for r in records if isinstance(r, Reject)]
+    assert failed and all(r.reason == "generation_failed" and "connection reset" in r.detail for r in failed)
+    rollouts = [r.model_dump() for r in records if r.TABLE == "rollouts"]
+    assert len(rollouts) + len(failed) == 12, "every sample is a rollout or a reject"
+    nodes = [r.model_dump() for r in records if r.TABLE == "nodes"]
+
+    mc = list(mc_label.run(problems, rollouts, nodes, mc_label.MCLabelConfig(completions_per_step=3, sampling=SAMPLING),
+                           GenerationClient(backend), checker))
+    mc_failed = Counter(r.item.split("#")[0] for r in mc if isinstance(r, Reject) and r.reason == "generation_failed")
+    assert mc_failed
+    for e in (r for r in mc if isinstance(r, Evaluation) and r.source == "mc"):
+        assert e.n == 3 - mc_failed[e.node_id], "a failed sample is drawn but is not evidence"
+
+    searched = list(binary_search.run(problems, rollouts, nodes, binary_search.BinarySearchConfig(
+        completions_per_prefix=3, sampling=SAMPLING), GenerationClient(backend), checker))
+    assert any(isinstance(r, Reject) and r.reason == "generation_failed" for r in searched)
+    assert any(isinstance(r, Evaluation) for r in searched)
