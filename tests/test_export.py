@@ -495,24 +495,32 @@ def _texts(dataset: datasets.Dataset, columns: list[str]) -> list[str]:
     return [row[column] for row in dataset for column in columns]
 
 
-@pytest.mark.slow
-def test_dpo_trainer_takes_a_step_on_exported_pairs(exported: tuple[Path, dict[str, dict]], tmp_path: Path) -> None:
-    from trl import DPOConfig, DPOTrainer
+def _one_training_step(kind: str, train_dataset: datasets.Dataset, out_dir: Path, text_columns: list[str]):
+    """One TRL DPO or KTO step on a tiny local model; returns the trainer and its train() result.
 
-    out_dir, _ = exported
-    train_dataset = datasets.load_from_disk(str(out_dir / "dpo"))
-    model, tokenizer = _tiny_model_and_tokenizer(_texts(train_dataset, ["prompt", "chosen", "rejected"]))
-    args = DPOConfig(
-        output_dir=str(tmp_path / "dpo-run"), max_steps=1, per_device_train_batch_size=2, report_to=[],
+    The reference model is passed in: left out, TRL would reload it by name from the hub.
+    """
+    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
+
+    config_cls, trainer_cls = (DPOConfig, DPOTrainer) if kind == "dpo" else (KTOConfig, KTOTrainer)
+    model, tokenizer = _tiny_model_and_tokenizer(_texts(train_dataset, text_columns))
+    args = config_cls(
+        output_dir=str(out_dir), max_steps=1, per_device_train_batch_size=2, report_to=[],
         use_cpu=True, bf16=False, activation_checkpointing=False, logging_steps=1, save_strategy="no",
         dataloader_num_workers=0,
     )
-    # The reference model is passed in: left out, TRL would reload it by name from the hub.
-    trainer = DPOTrainer(
+    trainer = trainer_cls(
         model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=train_dataset,
         processing_class=tokenizer,
     )
-    result = trainer.train()
+    return trainer, trainer.train()
+
+
+@pytest.mark.slow
+def test_dpo_trainer_takes_a_step_on_exported_pairs(exported: tuple[Path, dict[str, dict]], tmp_path: Path) -> None:
+    out_dir, _ = exported
+    train_dataset = datasets.load_from_disk(str(out_dir / "dpo"))
+    trainer, result = _one_training_step("dpo", train_dataset, tmp_path / "dpo-run", ["prompt", "chosen", "rejected"])
     assert trainer.state.global_step == 1
     assert math.isfinite(result.training_loss)
     assert math.isfinite(trainer.state.log_history[0]["loss"])
@@ -524,22 +532,10 @@ def test_kto_trainer_takes_a_step_on_exported_unpaired_data(
     exported: tuple[Path, dict[str, dict]], tmp_path: Path, dataset: str
 ) -> None:
     """Both unpaired exports train: each pair unpaired (kto) and one row per labelled step (step_kto)."""
-    from trl import KTOConfig, KTOTrainer
-
     out_dir, _ = exported
     train_dataset = datasets.load_from_disk(str(out_dir / dataset))
     validate_unpaired_preference(train_dataset)
-    model, tokenizer = _tiny_model_and_tokenizer(_texts(train_dataset, ["prompt", "completion"]))
-    args = KTOConfig(
-        output_dir=str(tmp_path / f"{dataset}-run"), max_steps=1, per_device_train_batch_size=2, report_to=[],
-        use_cpu=True, bf16=False, activation_checkpointing=False, logging_steps=1, save_strategy="no",
-        dataloader_num_workers=0,
-    )
-    trainer = KTOTrainer(
-        model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=train_dataset,
-        processing_class=tokenizer,
-    )
-    result = trainer.train()
+    trainer, result = _one_training_step("kto", train_dataset, tmp_path / f"{dataset}-run", ["prompt", "completion"])
     assert trainer.state.global_step == 1
     assert math.isfinite(result.training_loss)
 
@@ -547,8 +543,6 @@ def test_kto_trainer_takes_a_step_on_exported_unpaired_data(
 @pytest.mark.slow
 def test_dpo_trainer_takes_a_step_on_full_step_dpo_rows(tmp_path: Path) -> None:
     """The per-step reward columns ride along: TRL's DPOTrainer reads the preference columns as is."""
-    from trl import DPOConfig, DPOTrainer
-
     tables = build_tables()
     problems = [Problem(**row) for row in tables["problems"].to_pylist()]
     made = list(pairs.run(
@@ -561,16 +555,8 @@ def test_dpo_trainer_takes_a_step_on_full_step_dpo_rows(tmp_path: Path) -> None:
     run_export(tmp_path, tables, formats=["full_step_dpo"])
     train_dataset = datasets.load_from_disk(str(tmp_path / "full_step_dpo"))
     assert train_dataset.num_rows == 2
-    model, tokenizer = _tiny_model_and_tokenizer(_texts(train_dataset, ["prompt", "chosen", "rejected"]))
-    args = DPOConfig(
-        output_dir=str(tmp_path / "full-step-dpo-run"), max_steps=1, per_device_train_batch_size=2, report_to=[],
-        use_cpu=True, bf16=False, activation_checkpointing=False, logging_steps=1, save_strategy="no",
-        dataloader_num_workers=0,
+    trainer, result = _one_training_step(
+        "dpo", train_dataset, tmp_path / "full-step-dpo-run", ["prompt", "chosen", "rejected"]
     )
-    trainer = DPOTrainer(
-        model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=train_dataset,
-        processing_class=tokenizer,
-    )
-    result = trainer.train()
     assert trainer.state.global_step == 1
     assert math.isfinite(result.training_loss)
