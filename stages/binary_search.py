@@ -192,11 +192,13 @@ def run(
     on_problem_done: Callable[[], None] | None = None,
 ) -> Iterator[Record]:
     """Evaluations for the steps each search decided, the completions (``mc`` rollouts and nodes), rejects."""
-    nodes_by_id, by_problem, builder = labeller_inputs(rollouts, nodes, config, client, checker)
+    nodes_by_problem, by_problem, builder = labeller_inputs(rollouts, nodes, config, client, checker)
     config_hash = content_hash(config.model_dump())
 
     async def label_problem(problem: Problem) -> list[Record]:
-        search = ProblemSearch(STAGE, "mc", problem, client, builder, config, nodes_by_id)
+        search = ProblemSearch(
+            STAGE, "mc", problem, client, builder, config, nodes_by_problem.get(problem.problem_id, {})
+        )
         policy = seed_policy_rollouts(search, by_problem.get(problem.problem_id, []))
         records: list[Record] = []
         screened = _screen(policy) if config.selection == "omegaprm" and config.screen_questions and policy else None

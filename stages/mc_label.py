@@ -72,7 +72,7 @@ def run(
     on_step_done: Callable[[int], None] | None = None,
 ) -> Iterator[Record]:
     """Evaluations (``mc`` for internal steps, ``outcome`` for last steps), completion rollouts and nodes."""
-    nodes_by_id, by_problem, builder = labeller_inputs(rollouts, nodes, config, client, checker)
+    nodes_by_problem, by_problem, builder = labeller_inputs(rollouts, nodes, config, client, checker)
 
     async def label_step(problem: Problem, nid: str, prefix: PathPrefix, seen: tuple[int, int]) -> list[Record]:
         records: list[Record] = []
@@ -128,7 +128,8 @@ def run(
         return records
 
     async def label_problem(problem: Problem) -> list[Record]:
-        internal, leaves = step_prefixes(by_problem.get(problem.problem_id, []), nodes_by_id)
+        own_nodes = nodes_by_problem.get(problem.problem_id, {})
+        internal, leaves = step_prefixes(by_problem.get(problem.problem_id, []), own_nodes)
         records: list[Record] = []
         for leaf_id, ending in sorted(leaves.items()):
             correct = sum(bool(r["outcome"]) for r in ending)

@@ -144,11 +144,13 @@ def run(
     on_problem_done: Callable[[], None] | None = None,
 ) -> Iterator[Record]:
     """``mcts`` evaluations for every step in each problem's tree, plus the expansions' rollouts and nodes."""
-    nodes_by_id, by_problem, builder = labeller_inputs(rollouts, nodes, config, client, checker)
+    nodes_by_problem, by_problem, builder = labeller_inputs(rollouts, nodes, config, client, checker)
     config_hash = content_hash(config.model_dump())
 
     async def label_problem(problem: Problem) -> list[Record]:
-        search = ProblemSearch(STAGE, "mcts", problem, client, builder, config, nodes_by_id)
+        search = ProblemSearch(
+            STAGE, "mcts", problem, client, builder, config, nodes_by_problem.get(problem.problem_id, {})
+        )
         policy = seed_policy_rollouts(search, by_problem.get(problem.problem_id, []))
         stats = await search_problem(search, policy, config)
         records: list[Record] = []

@@ -217,16 +217,22 @@ class ProblemSearch:
 
 def labeller_inputs(
     rollouts: Iterable[dict], nodes: Iterable[dict], config: CompletionConfig, client: GenerationClient, checker
-) -> tuple[dict[str, dict], dict[str, list[dict]], TreeBuilder]:
-    """What every labeller starts from: nodes by id, each problem's policy rollouts, and a TreeBuilder
-    that knows the stored nodes (so only new ones are written)."""
-    nodes_by_id = {n["node_id"]: n for n in nodes}
+) -> tuple[dict[str, dict[str, dict]], dict[str, list[dict]], TreeBuilder]:
+    """What every labeller starts from: each problem's nodes by id and its policy rollouts, and a
+    TreeBuilder that knows the stored nodes (so only new ones are written).
+
+    Grouped by problem once, so a problem's search copies its own nodes, not the whole shard's.
+    """
+    nodes_by_problem: dict[str, dict[str, dict]] = {}
+    for node in nodes:
+        nodes_by_problem.setdefault(node["problem_id"], {})[node["node_id"]] = node
     by_problem: dict[str, list[dict]] = {}
     for rollout in rollouts:
         if rollout["origin"] == "policy":
             by_problem.setdefault(rollout["problem_id"], []).append(rollout)
-    builder = TreeBuilder(config.split, checker, client.backend.count_tokens, client.model_id, frozenset(nodes_by_id))
-    return nodes_by_id, by_problem, builder
+    known = frozenset(nid for own in nodes_by_problem.values() for nid in own)
+    builder = TreeBuilder(config.split, checker, client.backend.count_tokens, client.model_id, known)
+    return nodes_by_problem, by_problem, builder
 
 
 def seed_policy_rollouts(search: ProblemSearch, rollouts: Iterable[dict]) -> list[dict]:
