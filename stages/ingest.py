@@ -4,6 +4,11 @@ Sources: a Hugging Face hub dataset id, or a local ``.jsonl`` / ``.json`` / ``.p
 Layouts: GSM8K (``question``, ``answer`` = worked solution ending ``#### N``) and MATH / MATH-500
 (``problem``, ``solution``, ``answer``). Every source row comes out exactly once, as a
 ``Problem`` or as a ``Reject`` with a stable reason; a bad row never stops the stage.
+
+Step-labelled datasets (formats ``processbench``, ``prm800k``, ``math_shepherd``; see
+``stages/importers.py``) are imported as step-tree records: besides the problems, each good row
+yields its trajectory's new ``Node`` records, a ``Rollout`` and its ``Evaluation`` records;
+a bad row is still exactly one ``Reject``.
 """
 
 from __future__ import annotations
@@ -15,11 +20,13 @@ from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from stepforge.schemas.ids import problem_id
-from stepforge.schemas.records import Problem, Reject
+from stepforge.schemas.ids import normalize_step_text, problem_id
+from stepforge.schemas.records import Evaluation, Node, Problem, Reject, Rollout
+from stepforge.stages import importers
 from stepforge.stages.answers import gsm8k_gold_answer, last_boxed
+from stepforge.stages.importers import RowError as _RowError
 
 if TYPE_CHECKING:
     import datasets
@@ -30,6 +37,7 @@ PAYLOAD_CHARS = 2000
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 Layout = Literal["gsm8k", "math"]
+IngestRecord = Problem | Node | Rollout | Evaluation | Reject
 _JSON_TYPE_NAMES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
 
 
@@ -39,10 +47,19 @@ class IngestConfig(BaseModel):
     source: str = Field(description="Hugging Face hub dataset id, or a local .jsonl / .json / .parquet file.")
     split: str = Field(default="test", description="Hub split to read; local files have a single split.")
     subset: str | None = Field(default=None, description="Hub configuration name (e.g. 'main' for openai/gsm8k).")
-    format: Literal["auto", "gsm8k", "math"] = Field(
+    format: Literal["auto", "gsm8k", "math", "processbench", "prm800k", "math_shepherd"] = Field(
         default="auto",
         description="Row layout. auto decides per row: 'math' if it has a 'problem' or solution field, "
-        "else 'gsm8k'.",
+        "else 'gsm8k'. processbench / prm800k / math_shepherd import a step-labelled dataset (ProcessBench, "
+        "openai/prm800k, peiyi9979/Math-Shepherd): its solutions become nodes and rollouts, its step labels "
+        "evaluations.",
+    )
+    gold_source: str | None = Field(
+        default=None,
+        description="Import formats only: a local GSM8K- or MATH-layout file (read like an ingest source) whose "
+        "gold answers are joined to the imported problems by normalised question text. A question not in it "
+        "falls back to the dataset's own gold answer, then to the final answer of a row the dataset marks "
+        "correct; with none of these the row is rejected as no_gold_answer.",
     )
     question_field: str | None = Field(
         default=None, description="Field holding the question; default 'question' (gsm8k) / 'problem' (math)."
@@ -61,22 +78,74 @@ class IngestConfig(BaseModel):
         default=20000, ge=1, description="Longer questions are rejected as text_too_long."
     )
 
+    @model_validator(mode="after")
+    def _options_fit_the_format(self) -> IngestConfig:
+        importing = self.format in importers.IMPORT_FORMATS
+        if self.gold_source is not None and not importing:
+            formats = ", ".join(importers.IMPORT_FORMATS)
+            raise ValueError(f"gold_source applies to the import formats {formats}, not {self.format!r}")
+        if importing:
+            overrides = [name for name in ("question_field", "answer_field", "solution_field") if getattr(self, name)]
+            if overrides:
+                raise ValueError(f"{', '.join(overrides)} apply to the gsm8k / math layouts, not {self.format!r}")
+        return self
 
-class _RowError(Exception):
-    """A row that cannot become a problem; carries the reject's reason and detail."""
 
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
-
-
-def run(config: IngestConfig) -> Iterator[Problem | Reject]:
+def run(config: IngestConfig) -> Iterator[IngestRecord]:
     """Problems and rejects in source order; a problem seen before in this ingest is a reject.
 
-    A config error (missing file, unknown hub dataset) raises here, before the first row.
+    For the import formats, each good row yields (in this order) its problem if new, its nodes
+    not yet emitted, its rollout and its evaluations; several rows of one question share one
+    problem. A config error (missing file or gold source, unknown hub dataset) raises here,
+    before the first row.
     """
+    if config.format in importers.IMPORT_FORMATS:
+        golds = _gold_answers(config.gold_source) if config.gold_source is not None else {}
+        return _imports(_open_source(config), config, golds)
     return _problems(_open_source(config), config)
+
+
+def _imports(
+    rows: Iterator[tuple[int, dict[str, Any] | Reject]], config: IngestConfig,
+    golds: dict[str, importers.Gold | None],
+) -> Iterator[IngestRecord]:
+    parse = importers.ROW_IMPORTERS[config.format]
+    importer = importers.TreeImporter(
+        config.format, config.source, golds,  # type: ignore[arg-type]  # an import format, checked by run
+        self_golds=lambda: importers.self_golds(parse, (row for _, row in _open_source(config))),
+    )
+    for row_index, row in rows:
+        if isinstance(row, Reject):
+            yield row
+            continue
+        try:
+            imported = parse(row)
+            if len(imported.question) > config.max_question_chars:
+                raise _RowError(
+                    "text_too_long", f"the question has {len(imported.question)} characters, "
+                    f"more than max_question_chars={config.max_question_chars}",
+                )
+            records = importer.records(row_index, imported)
+        except _RowError as error:
+            yield _reject(config, row_index, error.reason, error.detail, _dump(row))
+            continue
+        yield from records  # type: ignore[misc]  # Problem / Node / Rollout / Evaluation
+
+
+def _gold_answers(gold_source: str) -> dict[str, importers.Gold | None]:
+    """Normalised question -> gold answer (and solution) of a GSM8K / MATH-layout file; None where
+    its rows of one question disagree on the answer. Its rejected rows are skipped."""
+    golds: dict[str, importers.Gold | None] = {}
+    for record in run(IngestConfig(source=gold_source)):
+        if not isinstance(record, Problem):
+            continue
+        key = normalize_step_text(record.question)
+        gold = importers.Gold(record.gold_answer, record.gold_solution)
+        if key not in golds:
+            golds[key] = gold
+        elif golds[key] is not None and golds[key].answer != gold.answer:  # type: ignore[union-attr]
+            golds[key] = importers.AMBIGUOUS
+    return golds
 
 
 def _problems(
@@ -218,7 +287,7 @@ def _problem_from_row(row: dict[str, Any], row_index: int, config: IngestConfig)
 
 def _layout_of(row: dict[str, Any], config: IngestConfig) -> Layout:
     if config.format != "auto":
-        return config.format
+        return config.format  # type: ignore[return-value]  # import formats never get here
     if "problem" in row or (config.solution_field or "solution") in row:
         return "math"
     return "gsm8k"
