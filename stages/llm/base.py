@@ -40,6 +40,10 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     seed: int = 0
     logprobs: bool = False
+    # A JSON schema (canonical JSON text) the output must follow. Backends that can constrain
+    # decoding (llama.cpp grammars, vLLM guided decoding, OpenAI ``response_format``) do;
+    # callers check ``Backend.supports_json_schema`` and otherwise ask in words and parse.
+    json_schema: str | None = None
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):
@@ -51,9 +55,11 @@ class GenerationRequest:
 
     def sample_key(self, model_id: str, sample_index: int) -> str:
         """Content address of one sample: independent of ``n``, so n=4 and n=8 share four."""
+        # The schema enters the key only when set, so unconstrained requests keep their keys.
+        constraint = () if self.json_schema is None else (self.json_schema,)
         return content_hash(
             "gen/1", model_id, self.messages, self.prompt, self.assistant_prefix, self.temperature,
-            self.top_p, self.max_tokens, self.stop, self.seed, self.logprobs, sample_index, length=32,
+            self.top_p, self.max_tokens, self.stop, self.seed, self.logprobs, sample_index, *constraint, length=32,
         )
 
     def sample_seed(self, key: str) -> int:
@@ -92,6 +98,8 @@ class Backend(Protocol):
 
     model_id: str
     max_in_flight: int
+    # Whether ``GenerationRequest.json_schema`` constrains decoding (else the request is refused).
+    supports_json_schema: bool
 
     async def generate(self, request: GenerationRequest, seed: int) -> Generation:
         """One sample of ``request`` (its ``n`` is ignored) with the given sampler seed."""

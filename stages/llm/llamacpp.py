@@ -90,6 +90,8 @@ class LlamaCppBackend:
         self.resolved = model if isinstance(model, ResolvedModel) else resolve_model(model)
         self.model_id = self.resolved.model_id
         self.max_in_flight = max_in_flight
+        self.supports_json_schema = True
+        self._grammars: dict[str, object] = {}  # json schema text -> compiled LlamaGrammar
         if not 0 < prefill_chunk <= n_batch:
             raise ValueError("prefill_chunk must be between 1 and n_batch")
         self.prefill_chunk = prefill_chunk
@@ -230,6 +232,7 @@ class LlamaCppBackend:
             last_logprobs[:] = [values - (peak + np.log(np.exp(values - peak).sum()))]
             return logits
 
+        grammar = self._grammar(request.json_schema) if request.json_schema else None
         self._prefill(prompt_tokens)
         self.llm.set_seed(seed)
         tokens: list[int] = []  # text tokens; an end-of-generation token is counted but not decoded
@@ -247,6 +250,7 @@ class LlamaCppBackend:
             min_p=0.0,
             repeat_penalty=1.0,
             logits_processor=[keep_logprobs] if request.logprobs else None,
+            grammar=grammar,
         ):
             generated += 1
             if request.logprobs:
@@ -271,6 +275,15 @@ class LlamaCppBackend:
             logprobs=tuple(logprobs) if request.logprobs else None,
             token_bytes=tuple(token_bytes),
         )
+
+
+    def _grammar(self, schema: str):
+        """The schema compiled to a GBNF grammar once; llama.cpp masks every token that would break it."""
+        if schema not in self._grammars:
+            from llama_cpp.llama_grammar import LlamaGrammar
+
+            self._grammars[schema] = LlamaGrammar.from_json_schema(schema, verbose=False)
+        return self._grammars[schema]
 
 
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:

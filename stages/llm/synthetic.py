@@ -399,6 +399,7 @@ class SyntheticBackend:
         identity = {"max_in_flight"} | ({"phrasings"} if self.config.phrasings == 1 else set())
         self.model_id = "synthetic-world@" + content_hash(self.config.model_dump(exclude=identity))
         self.max_in_flight = self.config.max_in_flight
+        self.supports_json_schema = False  # its policy writes arithmetic, not judgements
 
     async def generate(self, request: GenerationRequest, seed: int) -> Generation:
         return self.sample(request, seed)
