@@ -34,11 +34,17 @@ def run(
     model: Optional[str] = typer.Option(None, help="Model name or local .gguf path (overrides the config)."),
     limit: Optional[int] = typer.Option(None, help="Only the first N source rows."),
     labeller: Optional[str] = typer.Option(
-        None, help="mc (Math-Shepherd), binary_search (OmegaPRM) or mcts (overrides the config)."
+        None, help="mc (Math-Shepherd), binary_search (OmegaPRM), mcts or none (overrides the config)."
+    ),
+    verify: Optional[str] = typer.Option(
+        None, help="Comma-separated verifiers: tool, judge; '' for none (overrides the config)."
+    ),
+    policy: Optional[str] = typer.Option(
+        None, help="Consensus policy: mc_hard, mc_soft, judge, tool, agreement or vote (overrides the config)."
     ),
     verbose: bool = typer.Option(False, help="Show Prefect's own logs."),
 ) -> None:
-    """Run the synthesize flow: rollouts, step labels (Monte Carlo, binary search or MCTS), pairs, TRL datasets."""
+    """Run the synthesize flow: rollouts, step labels (Monte Carlo, binary search or MCTS), verification, consensus, pairs, TRL datasets."""
     _quiet_prefect(verbose)
     from stepforge.flows.config import RunConfig, demo_config
     from stepforge.flows.progress import RichReporter, set_reporter
@@ -46,13 +52,7 @@ def run(
 
     overrides = {"store": store, "run": run_name, "labeller": labeller}
     cfg = RunConfig.from_yaml(config, **overrides) if config else demo_config(**overrides)
-    updates = {}
-    if model:
-        updates["backend"] = cfg.backend.model_copy(update={"model": model})
-    if limit is not None:
-        updates["ingest"] = cfg.ingest.model_copy(update={"limit": limit})
-    if updates:
-        cfg = RunConfig.model_validate({**cfg.model_dump(), **{k: v.model_dump() for k, v in updates.items()}})
+    cfg = _with_overrides(cfg, model=model, limit=limit, verify=verify, policy=policy)
     console.print(
         Panel.fit(f"run [bold]{cfg.run}[/] · model {cfg.backend.model_label} · labeller {cfg.labeller} · store {cfg.store.resolve()}")
     )
@@ -66,6 +66,26 @@ def run(
         finally:
             set_reporter(previous)
     print_summary(cfg.store, cfg.run, result)
+
+
+def _with_overrides(cfg, *, model=None, limit=None, verify=None, policy=None):
+    """The config with the command line's section-level overrides applied (and validated again)."""
+    from stepforge.flows.config import RunConfig
+
+    data = cfg.model_dump(mode="json")
+    if model:
+        data["backend"]["model"] = model
+    if limit is not None:
+        data["ingest"]["limit"] = limit
+    if verify is not None:
+        data["verify"]["sources"] = [s.strip() for s in verify.split(",") if s.strip()]
+    if policy:
+        data["consensus"]["policy"] = policy
+    try:
+        return RunConfig.model_validate(data)
+    except ValueError as exc:
+        console.print(f"[red]invalid option:[/] {exc}")
+        raise typer.Exit(2) from exc
 
 
 def print_summary(store: Path, run_name: str, result: dict) -> None:
@@ -169,6 +189,62 @@ def export(
             console.print(f"{summary['dataset']}: {summary['rows']} rows → {summary['path']}")
     finally:
         ctx.close()
+
+
+eval_app = typer.Typer(no_args_is_help=True, help="Score label sources and consensus policies against reference labels.")
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("processbench")
+def eval_processbench(
+    data: Path = typer.Argument(..., help="ProcessBench rows (.json array or .jsonl): id, generator, problem, steps, final_answer_correct, label."),
+    method: Optional[list[str]] = typer.Option(
+        None, "--method", "-m",
+        help="A consensus policy to score, with optional rules: tool, judge, mc_hard, mc_soft, agreement, vote, "
+        "e.g. vote+tool_veto+propagate. Repeat for several; default: tool, judge, mc_hard, agreement, vote, "
+        "vote+tool_veto+propagate.",
+    ),
+    gold: Optional[Path] = typer.Option(None, help="GSM8K/MATH file whose gold answers are joined by question (needed by mc)."),
+    config: Optional[Path] = typer.Option(None, help="Run config YAML for the models and evidence settings (backend, verify, mc_label)."),
+    store: Path = typer.Option(Path("stepforge-data"), help="Store root."),
+    run_name: str = typer.Option("processbench", "--run", help="Run name of the evaluation."),
+    model: Optional[str] = typer.Option(None, help="Policy (and default judge) model."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N rows."),
+    neutral_as: str = typer.Option("positive", help="Whether a neutral (0) label counts as an error: positive or negative."),
+    verbose: bool = typer.Option(False, help="Show Prefect's own logs."),
+) -> None:
+    """ProcessBench's metric (accuracy on erroneous rows, on correct rows, F1) for each method; per-row results are stored."""
+    _quiet_prefect(verbose)
+    from stepforge.flows.config import RunConfig
+    from stepforge.flows.evaluate import DEFAULT_METHODS, evaluate_flow, evaluation_config
+
+    methods = list(method or DEFAULT_METHODS)
+    ingest = {"source": str(data), "format": "processbench", "gold_source": str(gold) if gold else None}
+    base = (
+        RunConfig.from_yaml(config, run=run_name, store=store, ingest=ingest) if config
+        else RunConfig(run=run_name, store=store, ingest=ingest)
+    )
+    base = _with_overrides(base, model=model, limit=limit)
+    try:
+        cfg = evaluation_config(base, methods)
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from exc
+    console.print(Panel.fit(
+        f"ProcessBench · {data} · evidence: labeller {cfg.labeller}, verify {', '.join(cfg.verify.sources) or 'none'} "
+        f"· model {cfg.backend.model_label} · store {cfg.store.resolve()}"
+    ))
+    result = evaluate_flow(cfg.model_dump(mode="json"), methods, "processbench", neutral_as)
+    table = Table("method", "rows", "acc (erroneous)", "acc (correct)", "F1", "coverage", title="ProcessBench")
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    for score in result["scores"]:
+        table.add_row(score["policy"], str(score["rows"]), fmt(score["acc_error"]), fmt(score["acc_correct"]),
+                      fmt(score["f1"]), fmt(score["coverage"]))
+    console.print(table)
+    console.print(
+        f"per-row results: stepforge query --store {store} --run {run_name} "
+        "'select method, item, reference, predicted, correct from eval_results order by item'"
+    )
 
 
 @app.command(

@@ -21,6 +21,7 @@ from stepforge.stages.pairs import PairsConfig
 from stepforge.stages.prompting import PromptConfig
 from stepforge.stages.rollout import RolloutConfig
 from stepforge.stages.split import SplitConfig
+from stepforge.stages.verify import VerifyConfig
 
 
 class RunConfig(BaseModel):
@@ -34,17 +35,21 @@ class RunConfig(BaseModel):
     prompt: PromptConfig = Field(default_factory=PromptConfig, description="How problems are put to the policy (all stages).")
     split: SplitConfig = Field(default_factory=SplitConfig, description="How solutions are cut into steps (all stages).")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Sampling of solutions.")
-    labeller: Literal["mc", "binary_search", "mcts"] = Field(
+    labeller: Literal["mc", "binary_search", "mcts", "none"] = Field(
         default="mc",
         description="How steps are valued: mc (Math-Shepherd: K completions after every step; section mc_label), "
         "binary_search (OmegaPRM first-error search with rollout reuse; section binary_search), "
-        "mcts (AlphaMath-style tree search; section mcts).",
+        "mcts (AlphaMath-style tree search; section mcts), none (no Monte Carlo evidence: verifiers, "
+        "imported labels and humans only).",
     )
     mc_label: MCLabelConfig = Field(default_factory=MCLabelConfig, description="Monte Carlo step labelling (labeller: mc).")
     binary_search: BinarySearchConfig = Field(
         default_factory=BinarySearchConfig, description="Binary search / OmegaPRM labelling (labeller: binary_search)."
     )
     mcts: MCTSConfig = Field(default_factory=MCTSConfig, description="Tree-search labelling (labeller: mcts).")
+    verify: VerifyConfig = Field(
+        default_factory=VerifyConfig, description="Evidence beyond Monte Carlo: tool checks and the LLM judge."
+    )
     consensus: ConsensusConfig = Field(default_factory=ConsensusConfig, description="How evaluations become labels.")
     pairs: PairsConfig = Field(
         default_factory=PairsConfig, description="Preference pairs from the tree: step_dpo, sibling, trajectory."
@@ -65,9 +70,9 @@ class RunConfig(BaseModel):
         return self
 
     @property
-    def labeller_config(self) -> BaseModel:
+    def labeller_config(self) -> BaseModel | None:
         """The config section of the chosen labeller (the others are ignored and do not enter keys)."""
-        return {"mc": self.mc_label, "binary_search": self.binary_search, "mcts": self.mcts}[self.labeller]
+        return {"mc": self.mc_label, "binary_search": self.binary_search, "mcts": self.mcts, "none": None}[self.labeller]
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> "RunConfig":

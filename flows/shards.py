@@ -18,19 +18,22 @@ from stepforge.flows.config import RunConfig
 from stepforge.flows.progress import reporter
 from stepforge.schemas.ids import content_hash
 from stepforge.schemas.records import Problem, Record, Reject
-from stepforge.stages import binary_search, consensus, export, ingest, mc_label, mcts, pairs, rollout
+from stepforge.stages import binary_search, consensus, export, ingest, mc_label, mcts, pairs, rollout, verify
 from stepforge.stages.answers import AnswerChecker
 from stepforge.stages.llm import GenerationCache, GenerationClient, load_backend
 from stepforge.stages.llm.models import resolve_model
 from stepforge.storage.shards import ShardManifest, ShardStore, write_json_atomic
 
 STAGE_TABLES = {
-    "ingest": ("problems", "rejects"),
+    # Imported datasets (ProcessBench, PRM800K, Math-Shepherd) bring their trajectories and labels.
+    "ingest": ("problems", "rollouts", "nodes", "evaluations", "rejects"),
     "rollout": ("rollouts", "nodes", "rejects"),
     "mc_label": ("evaluations", "rollouts", "nodes", "rejects"),
     "binary_search": ("evaluations", "rollouts", "nodes", "rejects"),
     "mcts": ("evaluations", "rollouts", "nodes", "rejects"),
-    "consensus": ("labels",),
+    "no_label": ("evaluations", "rollouts", "nodes", "rejects"),
+    "verify": ("evaluations", "rejects"),
+    "consensus": ("labels", "rejects"),
     "pairs": ("pairs", "rejects"),
 }
 
@@ -48,6 +51,7 @@ class RunContext:
     store: ShardStore = field(init=False)
     checker: AnswerChecker = field(default_factory=AnswerChecker)
     _client: GenerationClient | None = None
+    _judge_client: GenerationClient | None = None
 
     def __post_init__(self) -> None:
         self.store = ShardStore(self.config.store)
@@ -64,9 +68,21 @@ class RunContext:
 
     def client(self) -> GenerationClient:
         if self._client is None:
-            cache = GenerationCache(self.store.root / "cache" / "generations.sqlite")
-            self._client = GenerationClient(load_backend(self.config.backend), cache)
+            self._client = GenerationClient(load_backend(self.config.backend), self._cache())
         return self._client
+
+    def judge_client(self) -> GenerationClient:
+        """The judge's client: the policy's, unless ``verify.judge_backend`` names another model."""
+        judge_backend = self.config.verify.judge_backend
+        if judge_backend is None or judge_backend == self.config.backend:
+            return self.client()
+        if self._judge_client is None:
+            # One cache file for both: keys include the model id, so they never collide.
+            self._judge_client = GenerationClient(load_backend(judge_backend), self._cache())
+        return self._judge_client
+
+    def _cache(self) -> GenerationCache:
+        return GenerationCache(self.store.root / "cache" / "generations.sqlite")
 
     def close(self) -> None:
         self.checker.close()
@@ -79,16 +95,20 @@ def _by_table(records: Iterable[Record], tables: tuple[str, ...]) -> dict[str, l
     return grouped
 
 
+_COUNTED = ("samples", "cache_hits", "generated", "generated_tokens", "failures")
+
+
 def _write(ctx: RunContext, stage: str, key: str, records: Iterable[Record], inputs: list[str], **stats) -> ShardManifest:
     started = time.perf_counter()
-    client_before = ctx._client.stats.as_dict() if ctx._client else None
+    clients = {"generation": lambda: ctx._client, "judge_generation": lambda: ctx._judge_client}
+    before = {name: (c().stats.as_dict() if c() else {}) for name, c in clients.items()}
     grouped = _by_table(records, STAGE_TABLES[stage])
-    if ctx._client is not None:
-        after = ctx._client.stats.as_dict()
-        before = client_before or {}
-        delta = {k: after[k] - before.get(k, 0) for k in ("samples", "cache_hits", "generated", "generated_tokens", "failures")}
-        if delta["samples"]:
-            stats["generation"] = delta
+    for name, current in clients.items():
+        if (client := current()) is not None:
+            after = client.stats.as_dict()
+            delta = {k: after[k] - before[name].get(k, 0) for k in _COUNTED}
+            if delta["samples"]:
+                stats[name] = delta
     stats["reject_reasons"] = dict(Counter(r.reason for r in grouped.get("rejects", []) if isinstance(r, Reject)))
     stats["seconds"] = round(time.perf_counter() - started, 3)
     return ctx.store.write_shard(ctx.run, stage, key, grouped, inputs=inputs, stats=stats)
@@ -100,19 +120,34 @@ def _problems(ctx: RunContext, shard: ShardManifest) -> list[Problem]:
 
 # -- ingest ------------------------------------------------------------------------------
 def ingest_shards(ctx: RunContext) -> tuple[list[ShardManifest], ShardManifest]:
-    """Problem shards of ``shard_size`` problems each (keyed by their content), and the rejects shard."""
+    """Problem shards of ``shard_size`` problems each (keyed by their content), and the rejects shard.
+
+    An imported dataset's trajectories and labels travel in the shard of their problem.
+    """
     cfg = ctx.config
     problems: list[Problem] = []
     rejects: list[Reject] = []
+    imported: dict[str, list[Record]] = {}
     for record in ingest.run(cfg.ingest):
-        (problems if isinstance(record, Problem) else rejects).append(record)
+        if isinstance(record, Problem):
+            problems.append(record)
+        elif isinstance(record, Reject):
+            rejects.append(record)
+        else:
+            imported.setdefault(record.problem_id, []).append(record)
     manifests = []
     for start in range(0, len(problems), cfg.shard_size):
         chunk = problems[start : start + cfg.shard_size]
-        key = content_hash("ingest", ingest.VERSION, [p.model_dump() for p in chunk])
+        records = [r for p in chunk for r in imported.get(p.problem_id, [])]
+        parts = [[p.model_dump() for p in chunk]]
+        if records:  # a shard of plain problems keeps the key it always had
+            parts.append([(r.TABLE, r.model_dump()) for r in records])
+        key = content_hash("ingest", ingest.VERSION, *parts)
         manifest = ctx.store.manifest(ctx.run, "ingest", key)
         if manifest is None:
-            manifest = ctx.store.write_shard(ctx.run, "ingest", key, {"problems": chunk, "rejects": []})
+            tables = _by_table(records, STAGE_TABLES["ingest"])
+            tables.update(problems=chunk, rejects=[])
+            manifest = ctx.store.write_shard(ctx.run, "ingest", key, tables)
         manifests.append(manifest)
     reject_key = content_hash("ingest-rejects", ingest.VERSION, [r.model_dump() for r in rejects])
     reject_manifest = ctx.store.manifest(ctx.run, "ingest", reject_key) or ctx.store.write_shard(
@@ -134,20 +169,35 @@ def rollout_key(ctx: RunContext, problem_shard: str) -> str:
 
 LABELLERS = {"mc": mc_label, "binary_search": binary_search, "mcts": mcts}
 """The labeller modules by config name; each writes evaluations, rollouts, nodes and rejects."""
+NO_LABEL_STAGE = "no_label"
 
 
 def label_stage(ctx: RunContext) -> str:
     """The chosen labeller's stage name: its shards live under ``stage=<name>``."""
+    if ctx.config.labeller == "none":
+        return NO_LABEL_STAGE
     return LABELLERS[ctx.config.labeller].STAGE
 
 
 def label_key(ctx: RunContext, rollout_shard: str) -> str:
+    if ctx.config.labeller == "none":
+        return content_hash(NO_LABEL_STAGE, 1, rollout_shard)
     module = LABELLERS[ctx.config.labeller]
     return content_hash(module.STAGE, module.VERSION, rollout_shard, _engine(ctx), ctx.config.labeller_config.model_dump())
 
 
-def consensus_key(ctx: RunContext, mc_shard: str) -> str:
-    return content_hash("consensus", consensus.VERSION, mc_shard, ctx.config.consensus.model_dump())
+def verify_key(ctx: RunContext, label_shard: str) -> str:
+    cfg = ctx.config.verify
+    # The judge's engine enters the key only when the judge runs: tool checks need no model.
+    judge_engine = None
+    if "judge" in cfg.sources:
+        judge_backend = cfg.judge_backend or ctx.config.backend
+        judge_engine = (ctx.judge_client().model_id, judge_backend.n_ctx)
+    return content_hash("verify", verify.VERSION, label_shard, cfg.model_dump(mode="json"), judge_engine)
+
+
+def consensus_key(ctx: RunContext, verify_shard: str) -> str:
+    return content_hash("consensus", consensus.VERSION, verify_shard, ctx.config.consensus.model_dump())
 
 
 def pairs_key(ctx: RunContext, label_shard: str) -> str:
@@ -158,7 +208,8 @@ def chain_keys(ctx: RunContext, problem_shard: str) -> dict[str, str]:
     """The key of every stage's shard downstream of one problem shard, under this run's config."""
     keys = {"rollout": rollout_key(ctx, problem_shard)}
     keys["label"] = label_key(ctx, keys["rollout"])
-    keys["consensus"] = consensus_key(ctx, keys["label"])
+    keys["verify"] = verify_key(ctx, keys["label"])
+    keys["consensus"] = consensus_key(ctx, keys["verify"])
     keys["pairs"] = pairs_key(ctx, keys["consensus"])
     return keys
 
@@ -185,6 +236,8 @@ def completed_chains(ctx: RunContext) -> tuple[list[dict[str, ShardManifest]], i
 def rollout_shard(ctx: RunContext, key: str, problem_shard: ShardManifest) -> ShardManifest:
     if (done := ctx.store.manifest(ctx.run, "rollout", key)) is not None:
         return done
+    if ctx.config.rollout.samples_per_problem == 0:  # imported solutions only: no model needed
+        return _write(ctx, "rollout", key, [], [problem_shard.shard])
     problems = _problems(ctx, problem_shard)
     with reporter().track(f"rollouts {problem_shard.shard[:8]}", len(problems)) as advance:
         records = rollout.run(problems, ctx.config.rollout, ctx.client(), ctx.checker, on_problem_done=advance)
@@ -196,9 +249,12 @@ def label_shard(ctx: RunContext, key: str, problem_shard: ShardManifest, rollout
     stage = label_stage(ctx)
     if (done := ctx.store.manifest(ctx.run, stage, key)) is not None:
         return done
+    if ctx.config.labeller == "none":
+        return _write(ctx, stage, key, [], [rollout_manifest.shard])
     problems = _problems(ctx, problem_shard)
-    rollouts = ctx.store.read_rows("rollouts", [rollout_manifest])
-    nodes = ctx.store.read_rows("nodes", [rollout_manifest])
+    tree = [problem_shard, rollout_manifest]  # imported trajectories live in the ingest shard
+    rollouts = ctx.store.read_rows("rollouts", tree)
+    nodes = ctx.store.read_rows("nodes", tree)
     inputs = (problems, rollouts, nodes, ctx.config.labeller_config, ctx.client(), ctx.checker)
     if ctx.config.labeller == "mc":
         prefixes = {nid for r in rollouts for nid in r["node_ids"][:-1]}
@@ -209,11 +265,40 @@ def label_shard(ctx: RunContext, key: str, problem_shard: ShardManifest, rollout
         return _write(ctx, stage, key, module.run(*inputs, on_problem_done=advance), [rollout_manifest.shard])
 
 
-def consensus_shard(ctx: RunContext, key: str, mc_manifest: ShardManifest) -> ShardManifest:
+def verify_shard(
+    ctx: RunContext, key: str, problem_shard: ShardManifest, rollout_manifest: ShardManifest, label_manifest: ShardManifest
+) -> ShardManifest:
+    """The configured verifiers (tool checks, judge) over every trajectory of one shard."""
+    if (done := ctx.store.manifest(ctx.run, "verify", key)) is not None:
+        return done
+    tree = [problem_shard, rollout_manifest, label_manifest]
+    problems = _problems(ctx, problem_shard)
+    with reporter().track(f"verify {problem_shard.shard[:8]}", len(problems)) as advance:
+        records = verify.run(
+            problems, ctx.store.read_rows("rollouts", tree), ctx.store.read_rows("nodes", tree), ctx.config.verify,
+            ctx.judge_client, ctx.checker, on_problem_done=advance,
+        )
+        return _write(ctx, "verify", key, records, [label_manifest.shard])
+
+
+def consensus_shard(
+    ctx: RunContext,
+    key: str,
+    problem_shard: ShardManifest,
+    rollout_manifest: ShardManifest,
+    label_manifest: ShardManifest,
+    verify_manifest: ShardManifest,
+) -> ShardManifest:
+    """Labels from every piece of evidence on the shard's tree: imported, labeller's, verifiers'."""
     if (done := ctx.store.manifest(ctx.run, "consensus", key)) is not None:
         return done
-    evaluations = ctx.store.read_rows("evaluations", [mc_manifest])
-    return _write(ctx, "consensus", key, consensus.run(evaluations, ctx.config.consensus), [mc_manifest.shard])
+    evaluations = ctx.store.read_rows("evaluations", [problem_shard, label_manifest, verify_manifest])
+    nodes = (
+        ctx.store.read_rows("nodes", [problem_shard, rollout_manifest, label_manifest])
+        if ctx.config.consensus.propagate_errors else []
+    )
+    records = consensus.run(evaluations, ctx.config.consensus, nodes)
+    return _write(ctx, "consensus", key, records, [verify_manifest.shard])
 
 
 def pairs_shard(
@@ -226,7 +311,7 @@ def pairs_shard(
 ) -> ShardManifest:
     if (done := ctx.store.manifest(ctx.run, "pairs", key)) is not None:
         return done
-    tree = [rollout_manifest, label_stage_manifest]
+    tree = [problem_shard, rollout_manifest, label_stage_manifest]
     records = pairs.run(
         _problems(ctx, problem_shard),
         ctx.store.read_rows("rollouts", tree),
@@ -243,7 +328,10 @@ def run_chain(ctx: RunContext, problem_shard: ShardManifest) -> dict[str, ShardM
     chain = {"ingest": problem_shard}
     chain["rollout"] = rollout_shard(ctx, keys["rollout"], problem_shard)
     chain["label"] = label_shard(ctx, keys["label"], problem_shard, chain["rollout"])
-    chain["consensus"] = consensus_shard(ctx, keys["consensus"], chain["label"])
+    chain["verify"] = verify_shard(ctx, keys["verify"], problem_shard, chain["rollout"], chain["label"])
+    chain["consensus"] = consensus_shard(
+        ctx, keys["consensus"], problem_shard, chain["rollout"], chain["label"], chain["verify"]
+    )
     chain["pairs"] = pairs_shard(
         ctx, keys["pairs"], problem_shard, chain["rollout"], chain["label"], chain["consensus"]
     )
@@ -262,8 +350,8 @@ def export_run(ctx: RunContext, chains: list[dict[str, ShardManifest]]) -> list[
         export.run(
             ctx.config.export,
             problems=read("problems", "ingest"),
-            rollouts=read("rollouts", "rollout", "label"),
-            nodes=read("nodes", "rollout", "label"),
+            rollouts=read("rollouts", "ingest", "rollout", "label"),
+            nodes=read("nodes", "ingest", "rollout", "label"),
             labels=read("labels", "consensus"),
             pairs=read("pairs", "pairs"),
         )

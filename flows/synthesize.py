@@ -1,4 +1,4 @@
-"""The ``synthesize`` flow: ingest → rollout → label (mc / binary_search / mcts) → consensus → pairs → export.
+"""The ``synthesize`` flow: ingest → rollout → label (mc / binary_search / mcts / none) → verify → consensus → pairs → export.
 
 Thin by design: every task body is a function of ``flows.shards``. Tasks pass shard
 manifests (small dicts naming Parquet files), never data. Each task's Prefect cache key is
@@ -46,9 +46,21 @@ def label_task(config: dict, key: str, problem_shard: dict, rollout_shard: dict)
     return asdict(shards.label_shard(ctx, key, _manifest(problem_shard), _manifest(rollout_shard)))
 
 
+@task(name="verify")
+def verify_task(config: dict, key: str, problem_shard: dict, rollout_shard: dict, label_shard: dict) -> dict:
+    ctx = _context(config)
+    return asdict(
+        shards.verify_shard(ctx, key, _manifest(problem_shard), _manifest(rollout_shard), _manifest(label_shard))
+    )
+
+
 @task(name="consensus")
-def consensus_task(config: dict, key: str, mc_shard: dict) -> dict:
-    return asdict(shards.consensus_shard(_context(config), key, _manifest(mc_shard)))
+def consensus_task(
+    config: dict, key: str, problem_shard: dict, rollout_shard: dict, label_shard: dict, verify_shard: dict
+) -> dict:
+    ctx = _context(config)
+    manifests = (_manifest(m) for m in (problem_shard, rollout_shard, label_shard, verify_shard))
+    return asdict(shards.consensus_shard(ctx, key, *manifests))
 
 
 @task(name="pairs")
@@ -103,18 +115,20 @@ def synthesize(config: dict) -> dict:
         problem_shards, reject_shard = ingest_task(config)
         # The label task takes its labeller's stage name: its shards and cache keys live under it.
         labeller_task = label_task.with_options(name=shards.label_stage(ctx))
-        rollout_t, label_t, consensus_t, pairs_t = (
-            _cached(t, ctx) for t in (rollout_task, labeller_task, consensus_task, pairs_task)
+        rollout_t, label_t, verify_t, consensus_t, pairs_t = (
+            _cached(t, ctx) for t in (rollout_task, labeller_task, verify_task, consensus_task, pairs_task)
         )
         chains = []
         for problem_shard in problem_shards:
             keys = shards.chain_keys(ctx, problem_shard["shard"])
             rollout_m = rollout_t(config, keys["rollout"], problem_shard)
             evidence_m = label_t(config, keys["label"], problem_shard, rollout_m)
-            label_m = consensus_t(config, keys["consensus"], evidence_m)
+            verify_m = verify_t(config, keys["verify"], problem_shard, rollout_m, evidence_m)
+            label_m = consensus_t(config, keys["consensus"], problem_shard, rollout_m, evidence_m, verify_m)
             pairs_m = pairs_t(config, keys["pairs"], problem_shard, rollout_m, evidence_m, label_m)
             chains.append(
-                {"ingest": problem_shard, "rollout": rollout_m, "label": evidence_m, "consensus": label_m, "pairs": pairs_m}
+                {"ingest": problem_shard, "rollout": rollout_m, "label": evidence_m, "verify": verify_m,
+                 "consensus": label_m, "pairs": pairs_m}
             )
         exports = export_task(config, chains)
     except BaseException:

@@ -163,7 +163,8 @@ class Label(Record):
     value: float | None = Field(description="Soft label (e.g. MC fraction correct).")
     confidence: float = Field(ge=0.0, le=1.0)
     reason: str
-    policy: str = Field(description="name@version of the consensus policy.")
+    policy: str = Field(description="name@version of the consensus policy, plus the rules that were on.")
+    sources: str = Field(default="", description="'+'-joined evidence sources behind the label (mc, judge, tool, human, ...).")
 
     ARROW_SCHEMA: ClassVar[pa.Schema] = pa.schema(
         [
@@ -174,6 +175,7 @@ class Label(Record):
             ("confidence", pa.float64()),
             ("reason", pa.string()),
             ("policy", pa.string()),
+            ("sources", pa.string()),
         ]
     )
 
@@ -238,8 +240,41 @@ class Reject(Record):
     )
 
 
+class EvalResult(Record):
+    """One trajectory scored by a benchmark (e.g. ProcessBench) under one label source or policy."""
+
+    TABLE: ClassVar[str] = "eval_results"
+    benchmark: str = Field(description="Which metric: 'processbench' (exact earliest-error index).")
+    method: str = Field(description="The consensus policy id whose labels were scored.")
+    problem_id: str
+    rollout_id: str
+    item: str = Field(description="The source row's own id (e.g. ProcessBench 'gsm8k-0').")
+    num_steps: int = Field(ge=0)
+    reference: int = Field(ge=-1, description="Reference earliest wrong step (0-based), -1 if none.")
+    predicted: int = Field(ge=-1, description="First step the labels call wrong (0-based), -1 if none.")
+    correct: bool = Field(description="predicted == reference.")
+    labelled_steps: int = Field(ge=0, description="Steps of the path that have a label (coverage).")
+    detail: str = Field(description="Why the prediction: the reason of the first wrong label.")
+
+    ARROW_SCHEMA: ClassVar[pa.Schema] = pa.schema(
+        [
+            ("benchmark", pa.string()),
+            ("method", pa.string()),
+            ("problem_id", pa.string()),
+            ("rollout_id", pa.string()),
+            ("item", pa.string()),
+            ("num_steps", pa.int32()),
+            ("reference", pa.int32()),
+            ("predicted", pa.int32()),
+            ("correct", pa.bool_()),
+            ("labelled_steps", pa.int32()),
+            ("detail", pa.string()),
+        ]
+    )
+
+
 RECORD_TYPES: dict[str, type[Record]] = {
-    cls.TABLE: cls for cls in (Problem, Node, Rollout, Evaluation, Label, Pair, Reject)
+    cls.TABLE: cls for cls in (Problem, Node, Rollout, Evaluation, Label, Pair, Reject, EvalResult)
 }
 TABLES = tuple(RECORD_TYPES)
 

@@ -84,6 +84,8 @@ PRM_FEATURES = Features(
         "node_ids": List(Value("string")),
         "values": List(Value("float64")),
         "confidences": List(Value("float64")),
+        # Per step: the '+'-joined evidence sources behind its label (mc, judge, tool, human, ...).
+        "label_sources": List(Value("string")),
         "label_policy": Value("string"),
         "outcome": Value("bool"),
         "final_answer": Value("string"),
@@ -130,6 +132,7 @@ STEP_KTO_FEATURES = Features(
         "step_label": Value("int8"),
         "step_value": Value("float64"),
         "confidence": Value("float64"),
+        "label_sources": Value("string"),
         "label_policy": Value("string"),
     }
 )
@@ -319,6 +322,7 @@ def build_prm_rows(
                 "node_ids": node_ids,
                 "values": values,
                 "confidences": [label["confidence"] for label in step_labels],
+                "label_sources": [label.get("sources") or "" for label in step_labels],
                 "label_policy": ",".join(sorted({label["policy"] for label in step_labels})),
                 "outcome": rollout["outcome"],
                 "final_answer": rollout["final_answer"],
@@ -422,6 +426,7 @@ def build_step_kto_rows(
                     "step_label": label["label"],
                     "step_value": label["value"],
                     "confidence": label["confidence"],
+                    "label_sources": label.get("sources") or "",
                     "label_policy": label["policy"],
                 }
             )
@@ -532,7 +537,9 @@ def _path_to(leaf: str | None, parent_by_node: dict[str, str | None]) -> list[st
 def _labels_by_node(labels: pa.Table) -> dict[str, dict[str, Any]]:
     by_node: dict[str, dict[str, Any]] = {}
     duplicated: set[str] = set()
-    for label in labels.select(["node_id", "label", "value", "confidence", "policy"]).to_pylist():
+    columns = ["node_id", "label", "value", "confidence", "policy"]
+    columns += ["sources"] if "sources" in labels.column_names else []  # labels made before sources existed lack it
+    for label in labels.select(columns).to_pylist():
         if label["node_id"] in by_node and by_node[label["node_id"]] != label:
             duplicated.add(label["node_id"])
         by_node[label["node_id"]] = label
@@ -622,7 +629,8 @@ def dataset_card(summaries: list[dict[str, Any]], config: ExportConfig, label_po
         "- Step labels: `+1` -> `True`, `-1` -> `False`.",
         f"- Neutral steps (label `0`): {neutral}.",
         "- `values` holds each step's soft label (e.g. the Monte Carlo fraction of correct completions) "
-        "and `confidences` the consensus confidence, beside the boolean `labels`.",
+        "and `confidences` the consensus confidence, beside the boolean `labels`; `label_sources` names the "
+        "evidence behind each label (`mc`, `outcome`, `judge`, `tool`, `human`, `propagated`).",
         *([f"- Math-Shepherd step tag: `{config.step_tag}`."] if "math_shepherd" in exported else []),
         f"- Trajectories (`prm_stepwise`, `math_shepherd` rows and `step_kto` steps) are the rollouts of origin "
         f"{', '.join(f'`{origin}`' for origin in config.trajectory_origins)}.",

@@ -21,7 +21,10 @@ VERSION = 1
 class RolloutConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    samples_per_problem: int = Field(default=4, ge=1, description="Independent solutions sampled per problem.")
+    samples_per_problem: int = Field(
+        default=4, ge=0,
+        description="Independent solutions sampled per problem; 0 = none (label imported solutions only).",
+    )
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling parameters of the policy.")
     prompt: PromptConfig = Field(default_factory=PromptConfig, description="How the problem is put to the policy.")
     split: SplitConfig = Field(default_factory=SplitConfig, description="How a solution is cut into steps.")

@@ -63,7 +63,7 @@ def test_run_takes_the_labeller_from_the_command_line(prefect_harness, tmp_path)
     assert "labeller mcts" in result.output and "synthetic-world" in result.output
     with Catalog(tmp_path / "store") as catalog:
         catalog.refresh(run="cli")
-        assert {r["source"] for r in catalog.query("select distinct source from evaluations").to_pylist()} == {"mcts"}
+        assert {r["source"] for r in catalog.query("select distinct source from evaluations").to_pylist()} == {"mcts", "tool"}
 
 
 def test_every_shipped_config_validates():

@@ -162,7 +162,7 @@ def test_prm_stepwise_rows(exported: tuple[Path, dict[str, dict]]) -> None:
     validate_stepwise_supervision(dataset)
     assert dataset.column_names == [
         "prompt", "completions", "labels", "problem_id", "rollout_id", "node_ids", "values", "confidences",
-        "label_policy", "outcome", "final_answer", "gold_answer", "model", "origin", "root_value", "progress",
+        "label_sources", "label_policy", "outcome", "final_answer", "gold_answer", "model", "origin", "root_value", "progress",
     ]
     assert dataset["rollout_id"] == ["r1", "r2", "r4"]  # sorted; MC rollout r3 and unlabelled r5 left out
     r1, r2, r4 = dataset.to_list()
@@ -344,7 +344,7 @@ def test_step_kto_rows(exported: tuple[Path, dict[str, dict]]) -> None:
     validate_unpaired_preference(dataset)
     assert dataset.column_names == [
         "prompt", "completion", "label", "problem_id", "node_id", "depth", "origin", "step_label", "step_value",
-        "confidence", "label_policy",
+        "confidence", "label_sources", "label_policy",
     ]
     # r1 = n1 n2 n4, r2 = n1 n3 (n1 shared: one row), r4 = q1 q2, r5 = q1 q3 (q3 unlabelled: skipped).
     assert dataset["node_id"] == ["n1", "n2", "n4", "n3", "q1", "q2"]

@@ -119,12 +119,16 @@ def test_every_internal_step_has_k_completions_and_every_leaf_an_outcome(finishe
 
 def test_labels_follow_the_mc_hard_policy(finished_run):
     _, _, catalog = finished_run
-    labels = rows(catalog, "select * from labels")
-    evaluated = rows(catalog, "select count(distinct node_id) n from evaluations")[0]["n"]
-    assert len(labels) == evaluated
-    for label in labels:
-        assert label["policy"] == "mc_hard@2"
-        assert label["label"] == (1 if label["value"] > 0 else -1)
+    labels = {lab["node_id"]: lab for lab in rows(catalog, "select * from labels")}
+    mc = {r["node_id"] for r in rows(catalog, "select node_id from evaluations where source in ('mc', 'outcome')")}
+    vetoed = {r["node_id"] for r in rows(catalog, "select node_id from evaluations where source = 'tool' and verdict = -1")}
+    assert set(labels) == mc | vetoed, "every step with MC evidence, and every step a tool check found false"
+    for nid, label in labels.items():
+        assert label["policy"] == "mc_hard@2+tool_veto+human"
+        if nid in vetoed:
+            assert label["label"] == -1 and label["confidence"] == 1.0 and "tool" in label["sources"]
+        else:
+            assert label["label"] == (1 if label["value"] > 0 else -1) and label["sources"] in ("mc", "outcome", "mc+outcome")
 
 
 def test_exports_load_with_datasets_and_pass_the_format_validators(finished_run):
@@ -174,7 +178,7 @@ def test_another_run_name_on_the_same_store_gets_its_own_shards_from_the_cache(f
     result = synthesize(RunConfig.model_validate(other.model_dump()).model_dump(mode="json"))
     assert result["generation"]["generated"] == 0 and result["generation"]["cache_hits"] > 0, "replayed, not regenerated"
     stages = {m.stage for m in catalog.store.manifests(run="t-copy")}
-    assert stages == {"ingest", "rollout", "mc_label", "consensus", "pairs"}
+    assert stages == {"ingest", "rollout", "mc_label", "verify", "consensus", "pairs"}
     assert {e["dataset"]: e["rows"] for e in result["exports"]} == {e["dataset"]: e["rows"] for e in first["exports"]}
 
 
@@ -186,7 +190,7 @@ def test_changing_the_label_policy_relabels_without_generating(finished_run):
     result = synthesize(soft.model_dump(mode="json"))
     assert result["generation"].get("samples", 0) == 0, "rollout and mc_label shards are reused as they are"
     prm = datasets.load_from_disk({e["dataset"]: e for e in result["exports"]}["prm_stepwise"]["path"])
-    assert set(prm["label_policy"]) == {"mc_soft@2"}, "the export holds only the current policy's labels"
+    assert set(prm["label_policy"]) == {"mc_soft@2+tool_veto+human"}, "the export holds only the current policy's labels"
 
 
 def test_prefect_serves_complete_shards_from_its_cache(finished_run):
@@ -200,4 +204,4 @@ def test_prefect_serves_complete_shards_from_its_cache(finished_run):
     with get_client(sync_client=True) as client:
         states = [(run.name.split("-")[0], run.state.name) for run in client.read_task_runs(limit=200)]
     cached_stages = {name for name, state in states if state == "Cached"}
-    assert {"rollout", "mc_label", "consensus", "pairs"} <= cached_stages, states
+    assert {"rollout", "mc_label", "verify", "consensus", "pairs"} <= cached_stages, states
