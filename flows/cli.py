@@ -96,6 +96,7 @@ def print_summary(store: Path, run_name: str, result: dict) -> None:
         q = lambda sql: catalog.query(sql).to_pylist()  # noqa: E731
         rollouts = q("select count(*) n, avg(outcome::int) acc from rollouts where origin = 'policy'")[0]
         labels = q("select label, count(*) n from labels group by 1 order by 1 desc")
+        evidence = q("select source, count(*) n, count(*) filter (where verdict = -1) wrong from evaluations group by 1 order by 1")
         pairs = ", ".join(f"{r['kind']}: {r['n']}" for r in q("select kind, count(*) n from pairs group by 1 order by 1")) or "0"
         rejects = q("select stage, reason, count(*) n from rejects group by all order by n desc")
         # Show a pair about arithmetic if there is one: it says more than a rejected preamble.
@@ -106,6 +107,9 @@ def print_summary(store: Path, run_name: str, result: dict) -> None:
     table = Table(title=f"run {run_name}", show_header=False)
     table.add_row("policy rollouts", str(rollouts["n"]))
     table.add_row("accuracy", f"{rollouts['acc']:.1%}" if rollouts["acc"] is not None else "-")
+    table.add_row(
+        "evidence", ", ".join(f"{r['source']}: {r['n']}" + (f" ({r['wrong']} say wrong)" if r["wrong"] else "") for r in evidence) or "none"
+    )
     table.add_row("steps labelled", ", ".join(f"{'+1' if r['label'] > 0 else r['label']}: {r['n']}" for r in labels) or "0")
     table.add_row("pairs", pairs)
     table.add_row("rejects", ", ".join(f"{r['stage']}/{r['reason']}: {r['n']}" for r in rejects) or "none")
@@ -234,6 +238,9 @@ def eval_processbench(
         f"ProcessBench · {data} · evidence: labeller {cfg.labeller}, verify {', '.join(cfg.verify.sources) or 'none'} "
         f"· model {cfg.backend.model_label} · store {cfg.store.resolve()}"
     ))
+    import datasets
+
+    datasets.disable_progress_bars()
     result = evaluate_flow(cfg.model_dump(mode="json"), methods, "processbench", neutral_as)
     table = Table("method", "rows", "acc (erroneous)", "acc (correct)", "F1", "coverage", title="ProcessBench")
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731

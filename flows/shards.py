@@ -187,13 +187,17 @@ def label_key(ctx: RunContext, rollout_shard: str) -> str:
 
 
 def verify_key(ctx: RunContext, label_shard: str) -> str:
+    """Only the verifiers that run enter the key: a tool-only shard never loads the judge's model,
+    and changing the judge's settings does not redo it."""
     cfg = ctx.config.verify
-    # The judge's engine enters the key only when the judge runs: tool checks need no model.
-    judge_engine = None
+    parts: dict = {"sources": list(cfg.sources)}
+    if "tool" in cfg.sources:
+        parts["tool"] = cfg.tool.model_dump(mode="json", exclude={"code_workers"})
     if "judge" in cfg.sources:
         judge_backend = cfg.judge_backend or ctx.config.backend
-        judge_engine = (ctx.judge_client().model_id, judge_backend.n_ctx)
-    return content_hash("verify", verify.VERSION, label_shard, cfg.model_dump(mode="json"), judge_engine)
+        parts["judge"] = cfg.judge.model_dump(mode="json")
+        parts["judge_engine"] = (ctx.judge_client().model_id, judge_backend.n_ctx)
+    return content_hash("verify", verify.VERSION, label_shard, parts)
 
 
 def consensus_key(ctx: RunContext, verify_shard: str) -> str:

@@ -61,9 +61,21 @@ def test_run_takes_the_labeller_from_the_command_line(prefect_harness, tmp_path)
     result = CliRunner().invoke(app, ["run", str(config), "--labeller", "mcts"])
     assert result.exit_code == 0, result.output
     assert "labeller mcts" in result.output and "synthetic-world" in result.output
+    assert "evidence" in result.output and "tool:" in result.output
     with Catalog(tmp_path / "store") as catalog:
         catalog.refresh(run="cli")
         assert {r["source"] for r in catalog.query("select distinct source from evaluations").to_pylist()} == {"mcts", "tool"}
+
+    # --verify '' and --policy override the config's sections: no tool evidence, soft labels.
+    result = CliRunner().invoke(app, ["run", str(config), "--run", "cli2", "--verify", "", "--policy", "mc_soft"])
+    assert result.exit_code == 0, result.output
+    with Catalog(tmp_path / "store") as catalog:
+        catalog.refresh(run="cli2")
+        sources = {r["source"] for r in catalog.query("select distinct source from evaluations").to_pylist()}
+        policies = {r["policy"] for r in catalog.query("select distinct policy from labels").to_pylist()}
+    assert "tool" not in sources and policies == {"mc_soft@2+tool_veto+human"}
+    bad = CliRunner().invoke(app, ["run", str(config), "--policy", "majority"])
+    assert bad.exit_code == 2 and "invalid option" in bad.output
 
 
 def test_every_shipped_config_validates():

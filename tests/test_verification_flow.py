@@ -150,3 +150,21 @@ def test_the_judge_runs_in_the_flow_on_the_real_model(prefect_harness, tmp_path)
     assert judged + rejected >= 2, "each imported solution is judged, or its unreadable judgement is a reject"
     assert judged >= 1 and any("judge" in s for s in sources)
     assert policies == {"vote@1+tool_veto"}
+
+
+def test_the_judge_model_can_differ_from_the_policy_model(tmp_path):
+    from stepforge.flows.shards import RunContext, verify_key
+
+    source = tmp_path / "problems.jsonl"
+    source.write_text(json.dumps(make_problems(1, 2, seed=1)[0]) + "\n")
+    judge_backend = {"kind": "synthetic", "world": {"slip_rate": 0.0, "wrong_op_rate": 0.0}}
+    separate = RunContext(world_config(tmp_path, source, verify={"sources": ["judge"], "judge_backend": judge_backend}))
+    shared = RunContext(world_config(tmp_path, source, verify={"sources": ["judge"]}))
+    assert separate.judge_client() is not separate.client()
+    assert separate.judge_client().model_id != separate.client().model_id
+    assert shared.judge_client() is shared.client()
+    assert verify_key(separate, "label-shard") != verify_key(shared, "label-shard"), "the judge model keys its evidence"
+    tool_only = [RunContext(world_config(tmp_path, source, verify={"sources": ["tool"], **extra}))
+                 for extra in ({}, {"judge_backend": judge_backend})]
+    assert verify_key(tool_only[0], "label-shard") == verify_key(tool_only[1], "label-shard")
+    assert tool_only[1]._judge_client is None, "a tool-only run never loads the judge's model"
