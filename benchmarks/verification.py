@@ -10,6 +10,8 @@ in tests/fixtures (Apache-2.0) with the settings of configs/processbench-qwen.ya
 2. the first ``--mc-rows`` rows: every policy, with Monte Carlo from the same model (it costs
    ~15 s per completion on two cores, hence the subset). The judge's answers replay from the
    generation cache of step 1.
+3. the first ``--stepwise-rows`` rows: the same with the ``stepwise`` judge (one request per
+   step); Monte Carlo replays from the cache of step 2.
 
 The tool checker's precision is measured on the steps it flags (verdict -1): a flag is right when
 the step is at or after the human's earliest error (ProcessBench labels only the first error; later
@@ -35,12 +37,16 @@ SUBSET_METHODS = ["tool", "judge", "mc_hard", "mc_soft", "agreement", "vote", "m
                   "vote+tool_veto", "vote+tool_veto+propagate"]
 
 
-def run_eval(store: Path, run: str, methods: list[str], limit: int | None) -> dict:
+def run_eval(store: Path, run: str, methods: list[str], limit: int | None, judge_style: str = "critic") -> dict:
     from stepforge.flows.config import RunConfig
     from stepforge.flows.evaluate import evaluate_flow, evaluation_config
 
     ingest = {"source": str(DATA), "format": "processbench", "gold_source": str(GOLD), "limit": limit}
     base = RunConfig.from_yaml(CONFIG, run=run, store=store, ingest=ingest)
+    if judge_style != base.verify.judge.style:
+        data = base.model_dump(mode="json")
+        data["verify"]["judge"]["style"] = judge_style
+        base = RunConfig.model_validate(data)
     cfg = evaluation_config(base, methods)
     started = time.perf_counter()
     result = evaluate_flow(cfg.model_dump(mode="json"), methods, "processbench", "positive")
@@ -91,7 +97,9 @@ def tool_precision(store: Path, run: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", type=Path, default=Path("/tmp/stepforge-bench-verification"))
-    parser.add_argument("--mc-rows", type=int, default=20)
+    parser.add_argument("--mc-rows", type=int, default=10)
+    parser.add_argument("--stepwise-rows", type=int, default=0)
+    parser.add_argument("--skip-all-rows", action="store_true", help="Only the subsets (the 40-row run is done).")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
@@ -99,11 +107,15 @@ def main() -> None:
     import datasets
 
     datasets.disable_progress_bars()
-    report = {"all_rows": run_eval(args.store, "pb-all", ALL_ROWS_METHODS, None)}
+    report = {}
+    if not args.skip_all_rows:
+        report["all_rows"] = run_eval(args.store, "pb-all", ALL_ROWS_METHODS, None)
     report["tool_precision"] = tool_precision(args.store, "pb-all")
     if args.mc_rows:
         report["subset"] = run_eval(args.store, "pb-mc", SUBSET_METHODS, args.mc_rows)
-    for part in ("all_rows", "subset"):
+    if args.stepwise_rows:
+        report["stepwise"] = run_eval(args.store, "pb-stepwise", SUBSET_METHODS, args.stepwise_rows, "stepwise")
+    for part in ("all_rows", "subset", "stepwise"):
         if part not in report:
             continue
         result = report[part]

@@ -24,7 +24,7 @@ from stepforge.schemas.records import EvalResult
 from stepforge.stages.importers import import_evaluation_id
 
 NeutralAs = Literal["positive", "negative"]
-benchmark_format = "processbench"  # the importer whose labels are the reference
+REFERENCE_FORMAT = "processbench"  # the importer whose labels are the reference
 
 
 def reference_index(verdicts: list[int | None]) -> int | None:
@@ -55,7 +55,7 @@ def processbench_results(
     label_of = {lab["node_id"]: lab for lab in labels}
     for rollout in sorted(rollouts, key=lambda r: r["rollout_id"]):
         path = rollout["node_ids"]
-        own = [human.get(import_evaluation_id(benchmark_format, rollout["rollout_id"], i)) for i in range(len(path))]
+        own = [human.get(import_evaluation_id(REFERENCE_FORMAT, rollout["rollout_id"], i)) for i in range(len(path))]
         expected = reference_index([e["verdict"] if e else None for e in own])
         if expected is None:
             continue
