@@ -7,11 +7,12 @@ in tests/fixtures (Apache-2.0) with the settings of configs/processbench-qwen.ya
 
 1. all 40 rows: tool checks alone, the judge alone (Qwen2.5-Coder-1.5B, critic prompt, greedy,
    JSON-constrained), and the judge with the tool veto;
-2. the first ``--mc-rows`` rows: every policy, with Monte Carlo from the same model (it costs
-   ~15 s per completion on two cores, hence the subset). The judge's answers replay from the
-   generation cache of step 1.
-3. the first ``--stepwise-rows`` rows: the same with the ``stepwise`` judge (one request per
-   step); Monte Carlo replays from the cache of step 2.
+2. a balanced subset of ``--mc-rows`` rows (the first half with an error, the first half without:
+   the file is sorted by label): every policy, with Monte Carlo from the same model (~10 s per
+   completion on two cores, hence the subset). The judge's answers replay from the generation
+   cache of step 1.
+3. with ``--stepwise``: the same subset with the ``stepwise`` judge (one request per step);
+   Monte Carlo replays from the cache of step 2.
 
 The tool checker's precision is measured on the steps it flags (verdict -1): a flag is right when
 the step is at or after the human's earliest error (ProcessBench labels only the first error; later
@@ -37,11 +38,22 @@ SUBSET_METHODS = ["tool", "judge", "mc_hard", "mc_soft", "agreement", "vote", "m
                   "vote+tool_veto", "vote+tool_veto+propagate"]
 
 
-def run_eval(store: Path, run: str, methods: list[str], limit: int | None, judge_style: str = "critic") -> dict:
+def balanced_subset(store: Path, rows: int) -> Path:
+    """The first rows/2 rows with an error and the first rows/2 without, as a file of their own."""
+    data = json.loads(DATA.read_text())
+    erroneous = [r for r in data if r["label"] >= 0][: rows // 2]
+    clean = [r for r in data if r["label"] < 0][: rows - rows // 2]
+    path = store / f"processbench_balanced{rows}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(erroneous + clean))
+    return path
+
+
+def run_eval(store: Path, run: str, methods: list[str], source: Path, judge_style: str = "critic") -> dict:
     from stepforge.flows.config import RunConfig
     from stepforge.flows.evaluate import evaluate_flow, evaluation_config
 
-    ingest = {"source": str(DATA), "format": "processbench", "gold_source": str(GOLD), "limit": limit}
+    ingest = {"source": str(source), "format": "processbench", "gold_source": str(GOLD)}
     base = RunConfig.from_yaml(CONFIG, run=run, store=store, ingest=ingest)
     if judge_style != base.verify.judge.style:
         data = base.model_dump(mode="json")
@@ -98,7 +110,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", type=Path, default=Path("/tmp/stepforge-bench-verification"))
     parser.add_argument("--mc-rows", type=int, default=10)
-    parser.add_argument("--stepwise-rows", type=int, default=0)
+    parser.add_argument("--stepwise", action="store_true", help="Also score the stepwise judge on the subset.")
     parser.add_argument("--skip-all-rows", action="store_true", help="Only the subsets (the 40-row run is done).")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -109,12 +121,13 @@ def main() -> None:
     datasets.disable_progress_bars()
     report = {}
     if not args.skip_all_rows:
-        report["all_rows"] = run_eval(args.store, "pb-all", ALL_ROWS_METHODS, None)
+        report["all_rows"] = run_eval(args.store, "pb-all", ALL_ROWS_METHODS, DATA)
     report["tool_precision"] = tool_precision(args.store, "pb-all")
     if args.mc_rows:
-        report["subset"] = run_eval(args.store, "pb-mc", SUBSET_METHODS, args.mc_rows)
-    if args.stepwise_rows:
-        report["stepwise"] = run_eval(args.store, "pb-stepwise", SUBSET_METHODS, args.stepwise_rows, "stepwise")
+        subset = balanced_subset(args.store, args.mc_rows)
+        report["subset"] = run_eval(args.store, f"pb-mc{args.mc_rows}", SUBSET_METHODS, subset)
+        if args.stepwise:
+            report["stepwise"] = run_eval(args.store, f"pb-stepwise{args.mc_rows}", SUBSET_METHODS, subset, "stepwise")
     for part in ("all_rows", "subset", "stepwise"):
         if part not in report:
             continue
