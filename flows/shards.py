@@ -20,7 +20,7 @@ from stepforge.schemas.ids import content_hash
 from stepforge.schemas.records import Problem, Record, Reject
 from stepforge.stages import binary_search, consensus, export, ingest, mc_label, mcts, pairs, rollout, verify
 from stepforge.stages.answers import AnswerChecker
-from stepforge.stages.llm import GenerationCache, GenerationClient, load_backend
+from stepforge.stages.llm import BackendConfig, GenerationCache, GenerationClient, load_backend
 from stepforge.stages.llm.models import resolve_model
 from stepforge.storage.shards import ShardManifest, ShardStore, write_json_atomic
 
@@ -43,6 +43,13 @@ def model_id_for(model: str) -> str:
     return resolve_model(model).model_id
 
 
+def backend_model_id(backend: BackendConfig) -> str:
+    """The id that keys a backend's shards and cache entries, without loading its weights."""
+    if backend.kind == "synthetic":
+        return load_backend(backend).model_id  # no weights: the world's rates are its identity
+    return model_id_for(backend.model)
+
+
 @dataclass
 class RunContext:
     """What the stages of one run share in one process: the store, the model client, the checker."""
@@ -62,9 +69,7 @@ class RunContext:
 
     @property
     def model_id(self) -> str:
-        if self.config.backend.kind == "synthetic":
-            return load_backend(self.config.backend).model_id  # no weights: the world's rates are its identity
-        return model_id_for(self.config.backend.model)
+        return backend_model_id(self.config.backend)
 
     def client(self) -> GenerationClient:
         if self._client is None:
@@ -196,7 +201,8 @@ def verify_key(ctx: RunContext, label_shard: str) -> str:
     if "judge" in cfg.sources:
         judge_backend = cfg.judge_backend or ctx.config.backend
         parts["judge"] = cfg.judge.model_dump(mode="json")
-        parts["judge_engine"] = (ctx.judge_client().model_id, judge_backend.n_ctx)
+        # Named, not loaded: `stepforge export` computes every key and must not load a judge model.
+        parts["judge_engine"] = (backend_model_id(judge_backend), judge_backend.n_ctx)
     return content_hash("verify", verify.VERSION, label_shard, parts)
 
 

@@ -45,6 +45,7 @@ from stepforge.schemas.formats import (
 )
 from stepforge.stages.progress import progress_rewards, solve_rate
 from stepforge.stages.split import SplitConfig, join_prefix
+from stepforge.stages.tree import path_to
 
 STAGE = "export"
 VERSION = 1
@@ -498,7 +499,7 @@ def build_full_step_dpo_rows(
         if pair["chosen"] == pair["rejected"]:
             skipped["identical_sides"] += 1
             continue
-        paths = [_path_to(pair[f"{side}_node_id"], parent_by_node) for side in ("chosen", "rejected")]
+        paths = [path_to(pair[f"{side}_node_id"], parent_by_node) for side in ("chosen", "rejected")]
         if any(path is None for path in paths):
             skipped["missing_node"] += 1
             continue
@@ -520,18 +521,6 @@ def build_full_step_dpo_rows(
             }
         )
     return rows, skipped
-
-
-def _path_to(leaf: str | None, parent_by_node: dict[str, str | None]) -> list[str] | None:
-    """Node ids from the first step down to ``leaf``; None if a node on the way is missing (or a cycle)."""
-    path: list[str] = []
-    cursor = leaf
-    while cursor is not None:
-        if cursor not in parent_by_node or len(path) > len(parent_by_node):
-            return None
-        path.append(cursor)
-        cursor = parent_by_node[cursor]
-    return path[::-1] or None
 
 
 def _labels_by_node(labels: pa.Table) -> dict[str, dict[str, Any]]:

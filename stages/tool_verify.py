@@ -34,6 +34,7 @@ from stepforge.schemas.records import Evaluation, Origin, Problem, Record, Rejec
 from stepforge.stages.answers import AnswerChecker, extract_final_answer
 from stepforge.stages.claims import check_step
 from stepforge.stages.sandbox import SandboxLimits, run_python
+from stepforge.stages.tree import path_to
 
 STAGE = "tool"
 VERSION = 1
@@ -72,18 +73,6 @@ class Check:
     status: str  # true / false / uncheckable
     computed: str | None
     detail: str
-
-
-def _node_paths(nodes: dict[str, dict]) -> Callable[[str], list[str]]:
-    def path(nid: str) -> list[str]:
-        chain = []
-        cursor: str | None = nid
-        while cursor is not None and cursor in nodes:
-            chain.append(cursor)
-            cursor = nodes[cursor]["parent_id"]
-        return chain[::-1]
-
-    return path
 
 
 def arithmetic_checks(text: str) -> list[Check]:
@@ -155,7 +144,7 @@ def run(
     problems = list(problems)
     gold = {p.problem_id: p.gold_answer for p in problems}
     node_by_id = {n["node_id"]: n for n in nodes if n["problem_id"] in gold}
-    path_of = _node_paths(node_by_id)
+    parent_by_node = {nid: n["parent_id"] for nid, n in node_by_id.items()}
     leaves = {r["node_ids"][-1] for r in rollouts if r["node_ids"] and r["problem_id"] in gold}
     checked = sorted(nid for nid, n in node_by_id.items() if n["origin"] in config.origins)
 
@@ -178,7 +167,9 @@ def run(
             blocks = code_blocks(node_by_id[nid]["text"])
             if not blocks:
                 continue
-            earlier = [code for above in path_of(nid)[:-1] for code, _ in code_blocks(node_by_id[above]["text"])]
+            # A path broken by a node this shard lacks runs the step's code alone.
+            above = (path_to(nid, parent_by_node) or [nid])[:-1]
+            earlier = [code for step in above for code, _ in code_blocks(node_by_id[step]["text"])]
             for k, (code, shown) in enumerate(blocks):
                 jobs.append((nid, k, earlier + [c for c, _ in blocks[:k]], code, shown))
         with ThreadPoolExecutor(max_workers=config.code_workers) as pool:

@@ -27,6 +27,18 @@ class PathPrefix:
         return PathPrefix(self.node_ids + (new_id,), self.texts + (text,))
 
 
+def path_to(leaf: str | None, parent_by_node: dict[str, str | None]) -> list[str] | None:
+    """Node ids from the first step down to ``leaf``; None if a node on the way is missing (or a cycle)."""
+    path: list[str] = []
+    cursor = leaf
+    while cursor is not None:
+        if cursor not in parent_by_node or len(path) > len(parent_by_node):
+            return None
+        path.append(cursor)
+        cursor = parent_by_node[cursor]
+    return path[::-1] or None
+
+
 def first_occurrences(records: list[Record], seen: set[str]) -> list[Record]:
     """Drop nodes already in ``seen`` (and record the rest), so each node is stored once.
 
