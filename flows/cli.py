@@ -31,7 +31,18 @@ def run(
     config: Optional[Path] = typer.Argument(None, help="Run config YAML; omit for the embedded demo."),
     store: Optional[Path] = typer.Option(None, help="Store root (overrides the config)."),
     run_name: Optional[str] = typer.Option(None, "--run", help="Run name (overrides the config)."),
-    model: Optional[str] = typer.Option(None, help="Model name or local .gguf path (overrides the config)."),
+    backend: Optional[str] = typer.Option(
+        None, help="Engine: llamacpp (in-process GGUF), openai (an OpenAI-compatible server), vllm (offline engine on GPUs)."
+    ),
+    model: Optional[str] = typer.Option(
+        None, help="llamacpp: model name or .gguf path; openai: the served model's name; vllm: model dir or HF id."
+    ),
+    base_url: Optional[str] = typer.Option(None, help="OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1 (sets --backend openai)."),
+    server: Optional[str] = typer.Option(None, help="What serves --base-url: vllm, sglang, llamacpp, tgi, openai, generic."),
+    max_in_flight: Optional[int] = typer.Option(None, help="Samples (requests) in flight at once."),
+    ray: Optional[str] = typer.Option(
+        None, help="Run shards on Ray: 'local' starts a local cluster; 'auto', ray://host:10001 or host:port joins one."
+    ),
     limit: Optional[int] = typer.Option(None, help="Only the first N source rows."),
     labeller: Optional[str] = typer.Option(
         None, help="mc (Math-Shepherd), binary_search (OmegaPRM), mcts or none (overrides the config)."
@@ -52,7 +63,10 @@ def run(
 
     overrides = {"store": store, "run": run_name, "labeller": labeller}
     cfg = RunConfig.from_yaml(config, **overrides) if config else demo_config(**overrides)
-    cfg = _with_overrides(cfg, model=model, limit=limit, verify=verify, policy=policy)
+    cfg = _with_overrides(
+        cfg, model=model, limit=limit, verify=verify, policy=policy, backend=backend, base_url=base_url,
+        server=server, max_in_flight=max_in_flight, ray=ray,
+    )
     console.print(
         Panel.fit(f"run [bold]{cfg.run}[/] · model {cfg.backend.model_label} · labeller {cfg.labeller} · store {cfg.store.resolve()}")
     )
@@ -68,11 +82,24 @@ def run(
     print_summary(cfg.store, cfg.run, result)
 
 
-def _with_overrides(cfg, *, model=None, limit=None, verify=None, policy=None):
+def _with_overrides(
+    cfg, *, model=None, limit=None, verify=None, policy=None, backend=None, base_url=None, server=None,
+    max_in_flight=None, ray=None,
+):
     """The config with the command line's section-level overrides applied (and validated again)."""
     from stepforge.flows.config import RunConfig
 
     data = cfg.model_dump(mode="json")
+    if backend or base_url:
+        data["backend"]["kind"] = backend or "openai"
+    if base_url:
+        data["backend"]["http"]["base_url"] = base_url
+    if server:
+        data["backend"]["http"]["server"] = server
+    if max_in_flight:
+        data["backend"]["max_in_flight"] = max_in_flight
+    if ray:
+        data["ray"] = {"address": None if ray == "local" else ray}
     if model:
         data["backend"]["model"] = model
     if limit is not None:
@@ -119,6 +146,16 @@ def print_summary(store: Path, run_name: str, result: dict) -> None:
             "generation",
             f"{gen['generated']} generated, {gen['cache_hits']} from cache, {gen['generated_tokens']} tokens, "
             f"mean in flight {gen['mean_in_flight']}",
+        )
+    traffic = (result.get("traffic") or {}).get("generation") or {}
+    if traffic.get("http_requests"):
+        retried = ", ".join(f"{k.split('.', 1)[1]} {v:g}" for k, v in traffic.items() if k.startswith("retries.")) or "none"
+        gave_up = ", ".join(f"{k.split('.', 1)[1]} {v:g}" for k, v in traffic.items() if k.startswith("gave_up.")) or "none"
+        table.add_row(
+            "server traffic",
+            f"{traffic['http_requests']:g} requests, {traffic.get('prompt_tokens', 0):g} prompt + "
+            f"{traffic.get('completion_tokens', 0):g} completion tokens, ${traffic.get('cost_usd', 0):.4f}; "
+            f"retried: {retried}; gave up: {gave_up}",
         )
     for export in result.get("exports", []):
         table.add_row(f"dataset {export['dataset']}", f"{export['rows']} rows → {export['path']}")

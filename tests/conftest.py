@@ -27,3 +27,18 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+LLAMA_SERVER_KEY = "sk-test-" + os.urandom(8).hex()  # a secret no file of the project contains
+
+
+@pytest.fixture(scope="session")
+def llama_server():
+    """llama.cpp's own OpenAI-compatible server with SmolLM2, on a free loopback port, behind an API key.
+
+    One token per batch, so a seeded request samples the same whatever the server ran before it.
+    """
+    from stepforge.stages.llm.local_server import llamacpp_server
+
+    with llamacpp_server("smollm2-135m", n_ctx=2048, n_batch=1, api_key=LLAMA_SERVER_KEY) as server:
+        yield server

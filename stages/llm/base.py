@@ -66,6 +66,21 @@ class GenerationRequest:
         """Per-sample sampler seed: distinct streams per prompt and index, fixed by the run seed."""
         return int(key[:8], 16) & 0x7FFFFFFF
 
+    def consecutive_seed(self, model_id: str, sample_index: int) -> int:
+        """Sample ``i``'s seed as ``base + i``, ``base`` a hash of everything but the index.
+
+        vLLM expands ``SamplingParams(n=m, seed=s)`` into children seeded ``s, s+1, …, s+m-1``,
+        so with these seeds a run of consecutive samples of one prompt is one vLLM request
+        with ``n`` and still reproduces each sample on its own (a resumed run asks for fewer).
+        """
+        constraint = () if self.json_schema is None else (self.json_schema,)
+        base = content_hash(
+            "seed/1", model_id, self.messages, self.prompt, self.assistant_prefix, self.temperature,
+            self.top_p, self.max_tokens, self.stop, self.seed, self.logprobs, *constraint, length=8,
+        )
+        # Headroom below 2**31 keeps base + i in range without wrapping (vLLM adds, never wraps).
+        return int(base, 16) % (2**31 - 2**20) + sample_index
+
 
 @dataclass(frozen=True, slots=True)
 class Generation:
@@ -100,6 +115,9 @@ class Backend(Protocol):
     max_in_flight: int
     # Whether ``GenerationRequest.json_schema`` constrains decoding (else the request is refused).
     supports_json_schema: bool
+    # Optional: when True, sample i of a request is seeded ``request.consecutive_seed(model_id, i)``
+    # (vLLM's ``n``); otherwise ``request.sample_seed(key)``. Read with getattr (default False).
+    # consecutive_seeds: bool
 
     async def generate(self, request: GenerationRequest, seed: int) -> Generation:
         """One sample of ``request`` (its ``n`` is ignored) with the given sampler seed."""
@@ -183,6 +201,17 @@ class GenerationClient:
     def model_id(self) -> str:
         return self.backend.model_id
 
+    COUNTED = ("samples", "cache_hits", "generated", "generated_tokens", "failures")
+
+    def counters(self) -> dict[str, float]:
+        """Monotone counts of this client's work and, where the backend keeps them, of its traffic
+        (HTTP requests, retries and give-ups by reason, tokens, cost): a shard's stats are their deltas."""
+        stats = self.stats.as_dict()
+        counts: dict[str, float] = {name: stats[name] for name in self.COUNTED}
+        if callable(backend_counters := getattr(self.backend, "counters", None)):
+            counts.update(backend_counters())
+        return counts
+
     def _sem(self) -> asyncio.Semaphore:
         loop = asyncio.get_running_loop()
         if self._semaphore is None or self._loop is not loop:
@@ -214,7 +243,11 @@ class GenerationClient:
         async with self._sem():
             self.stats.enter()
             try:
-                generation = await self.backend.generate(request, request.sample_seed(key))
+                seed = (
+                    request.consecutive_seed(self.model_id, index)
+                    if getattr(self.backend, "consecutive_seeds", False) else request.sample_seed(key)
+                )
+                generation = await self.backend.generate(request, seed)
             except Exception as exc:
                 self.stats.failures += 1
                 raise GenerationError(f"{type(exc).__name__}: {exc}") from exc

@@ -1,0 +1,106 @@
+"""A labelling run against a real OpenAI-compatible server (llama.cpp's), from the command line, clean and
+through the fault-injection proxy at 20% faults: same output, the faults in the run's stats, the key nowhere."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import LLAMA_SERVER_KEY
+from stepforge.schemas.records import TABLES
+from stepforge.stages.llm.fault_proxy import FaultConfig, running_proxy
+from stepforge.storage.catalog import Catalog
+
+FIXTURES = Path(__file__).parent / "fixtures"
+KEY_ENV = "STEPFORGE_TEST_LLAMA_KEY"
+pytestmark = pytest.mark.slow
+
+
+def write_config(tmp: Path, name: str, model: str) -> Path:
+    sampling = {"max_tokens": 32, "temperature": 0.9, "seed": 1}
+    config = {
+        "run": "http",
+        "store": str(tmp / name / "store"),
+        "shard_size": 1,
+        "backend": {
+            "kind": "openai", "model": model, "max_in_flight": 2,
+            "http": {
+                "server": "llamacpp", "tokenizer": "smollm2-135m", "api_key_env": KEY_ENV,
+                # Two in flight at a one-at-a-time server: a request waits for at most one other
+                # (a few seconds on a busy machine), so a 20 s timeout only catches the proxy's hangs.
+                "timeout_seconds": 20, "max_retries": 6, "backoff_seconds": 0.05, "backoff_max_seconds": 0.5,
+            },
+        },
+        "ingest": {"source": str(FIXTURES / "gsm8k_sample.jsonl"), "format": "gsm8k", "limit": 3},
+        "split": {"mode": "newline"},
+        "rollout": {"samples_per_problem": 3, "sampling": {"max_tokens": 64, "temperature": 0.9}},
+        "mc_label": {"completions_per_step": 3, "sampling": sampling},
+    }
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_cli(config: Path, base_url: str, tmp: Path) -> str:
+    (tmp / "prefect-home").mkdir(parents=True)  # Prefect's temporary server does not start without it
+    env = {**os.environ, KEY_ENV: LLAMA_SERVER_KEY, "PREFECT_HOME": str(tmp / "prefect-home"), "NO_COLOR": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "stepforge.flows.cli", "run", str(config), "--backend", "openai", "--base-url", base_url],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=900,
+    )
+    out = proc.stdout.decode(errors="replace")
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def table_rows(store: Path) -> dict[str, list[str]]:
+    with Catalog(store) as catalog:
+        catalog.refresh()
+        return {
+            table: sorted(json.dumps(r, sort_keys=True, default=str) for r in catalog.query(f"select * from {table}").to_pylist())
+            for table in TABLES
+        }
+
+
+def files_containing(root: Path, secret: bytes) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and secret in p.read_bytes()]
+
+
+def test_a_run_through_twenty_percent_faults_matches_a_clean_run(llama_server, tmp_path):
+    clean_dir, flaky_dir = tmp_path / "clean", tmp_path / "flaky"
+    clean_out = run_cli(write_config(tmp_path, "clean", llama_server.model), llama_server.base_url, clean_dir)
+    faults = FaultConfig(rate=0.2, seed=7, hang_seconds=30, retry_after_seconds=0.5, max_faults_per_request=3)
+    with running_proxy(llama_server.base_url.removesuffix("/v1"), faults) as proxy:
+        flaky_out = run_cli(write_config(tmp_path, "flaky", llama_server.model), proxy.base_url + "/v1", flaky_dir)
+        injected = {kind: n for kind, n in proxy.counts.items() if kind != "forwarded"}
+
+    clean, flaky = table_rows(tmp_path / "clean" / "store"), table_rows(tmp_path / "flaky" / "store")
+    assert clean["evaluations"] and clean["rollouts"]  # the run labelled something
+    assert flaky == clean
+
+    record = json.loads((tmp_path / "flaky" / "store" / "runs" / "http.json").read_text())
+    traffic = record["traffic"]["generation"]
+    assert sum(injected.values()) > 0, (proxy.counts, traffic)
+    # Counters that stayed zero are left out of the stats.
+    assert traffic["retries"] == sum(injected.values()) and traffic.get("gave_up", 0) == 0
+    assert traffic["http_requests"] == traffic["generated"] + traffic["retries"]
+    reasons = {"http_500", "http_503", "http_429", "timeout", "connection", "bad_json"}
+    assert {k.split(".", 1)[1] for k in traffic if k.startswith("retries.")} <= reasons
+    clean_traffic = json.loads((tmp_path / "clean" / "store" / "runs" / "http.json").read_text())["traffic"]["generation"]
+    assert clean_traffic.get("retries", 0) == 0 and clean_traffic["generated"] == traffic["generated"], clean_traffic
+    assert "server traffic" in flaky_out and "retried: none" not in flaky_out
+
+    # The key reached the server, and nothing else: not the shards, caches, run records or exports,
+    # not Prefect's database (parameters, logs), not the console.
+    secret = LLAMA_SERVER_KEY.encode()
+    for out in (clean_out, flaky_out):
+        assert LLAMA_SERVER_KEY not in out
+    for root in (clean_dir, flaky_dir, tmp_path / "clean", tmp_path / "flaky"):
+        assert files_containing(root, secret) == []
+    assert any((flaky_dir / "prefect-home").rglob("*.db"))  # the place parameters and logs were stored was searched
