@@ -24,6 +24,29 @@ from stepforge.stages.split import SplitConfig
 from stepforge.stages.verify import VerifyConfig
 
 
+class RayConfig(BaseModel):
+    """Run shards as tasks on a Ray cluster (Prefect's Ray task runner). Never enters a shard key:
+    where a shard ran does not change what is in it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    address: str | None = Field(
+        default=None,
+        description="An existing cluster: 'auto' (this node belongs to one), ray://head:10001 (Ray client) or host:port; "
+        "none starts a local cluster for this run.",
+    )
+    num_cpus: int | None = Field(
+        default=None, ge=1, description="CPUs of a local cluster (default all); each shard task takes one."
+    )
+    num_gpus: int | None = Field(default=None, ge=0, description="GPUs of a local cluster (default all Ray finds).")
+    task_gpus: float = Field(
+        default=0, ge=0, description="GPUs each shard task reserves (1 for a vLLM engine per worker; 0 for HTTP backends)."
+    )
+    runtime_env: dict | None = Field(
+        default=None, description="Ray runtime_env for the workers (e.g. pip packages, env_vars) on a remote cluster."
+    )
+
+
 class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -55,6 +78,9 @@ class RunConfig(BaseModel):
         default_factory=PairsConfig, description="Preference pairs from the tree: step_dpo, sibling, trajectory."
     )
     export: ExportConfig | None = Field(default=None, description="Dataset export; default <store>/exports/<run>.")
+    ray: RayConfig | None = Field(
+        default=None, description="Run shards on a Ray cluster; none runs them one after another in this process."
+    )
 
     @model_validator(mode="after")
     def _share_prompt_and_split(self) -> "RunConfig":

@@ -8,7 +8,8 @@ the model and the stage version — never of worker counts or run order.
 
 from __future__ import annotations
 
-import functools
+import os
+import socket
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -20,8 +21,7 @@ from stepforge.schemas.ids import content_hash
 from stepforge.schemas.records import Problem, Record, Reject
 from stepforge.stages import binary_search, consensus, export, ingest, mc_label, mcts, pairs, rollout, verify
 from stepforge.stages.answers import AnswerChecker
-from stepforge.stages.llm import BackendConfig, GenerationCache, GenerationClient, load_backend
-from stepforge.stages.llm.models import resolve_model
+from stepforge.stages.llm import GenerationCache, GenerationClient, backend_model_id, load_backend
 from stepforge.storage.shards import ShardManifest, ShardStore, write_json_atomic
 
 STAGE_TABLES = {
@@ -36,18 +36,6 @@ STAGE_TABLES = {
     "consensus": ("labels", "rejects"),
     "pairs": ("pairs", "rejects"),
 }
-
-
-@functools.cache
-def model_id_for(model: str) -> str:
-    return resolve_model(model).model_id
-
-
-def backend_model_id(backend: BackendConfig) -> str:
-    """The id that keys a backend's shards and cache entries, without loading its weights."""
-    if backend.kind == "synthetic":
-        return load_backend(backend).model_id  # no weights: the world's rates are its identity
-    return model_id_for(backend.model)
 
 
 @dataclass
@@ -100,22 +88,20 @@ def _by_table(records: Iterable[Record], tables: tuple[str, ...]) -> dict[str, l
     return grouped
 
 
-_COUNTED = ("samples", "cache_hits", "generated", "generated_tokens", "failures")
-
-
 def _write(ctx: RunContext, stage: str, key: str, records: Iterable[Record], inputs: list[str], **stats) -> ShardManifest:
     started = time.perf_counter()
     clients = {"generation": lambda: ctx._client, "judge_generation": lambda: ctx._judge_client}
-    before = {name: (c().stats.as_dict() if c() else {}) for name, c in clients.items()}
+    before = {name: (c().counters() if c() else {}) for name, c in clients.items()}
     grouped = _by_table(records, STAGE_TABLES[stage])
     for name, current in clients.items():
         if (client := current()) is not None:
-            after = client.stats.as_dict()
-            delta = {k: after[k] - before[name].get(k, 0) for k in _COUNTED}
+            after = client.counters()
+            delta = {k: round(v - before[name].get(k, 0), 6) for k, v in after.items()}
             if delta["samples"]:
-                stats[name] = delta
+                stats[name] = {k: v for k, v in delta.items() if v or k in GenerationClient.COUNTED}
     stats["reject_reasons"] = dict(Counter(r.reason for r in grouped.get("rejects", []) if isinstance(r, Reject)))
     stats["seconds"] = round(time.perf_counter() - started, 3)
+    stats["worker"] = f"{socket.gethostname()}:{os.getpid()}"  # which process (Ray worker, host) made it
     return ctx.store.write_shard(ctx.run, stage, key, grouped, inputs=inputs, stats=stats)
 
 
@@ -368,7 +354,20 @@ def export_run(ctx: RunContext, chains: list[dict[str, ShardManifest]]) -> list[
     )
 
 
-def record_run(ctx: RunContext, status: str, exports: list[dict] | None = None) -> dict:
+def shard_traffic(chains: list[dict[str, dict]]) -> dict[str, dict[str, float]]:
+    """Generation counts summed over the shards of these chains, from their manifests: what producing
+    the run's data cost (requests, retries and give-ups by reason, tokens, cost), whichever process
+    or Ray worker produced each shard, and however many times the run was resumed."""
+    totals: dict[str, Counter] = {}
+    for chain in chains:
+        for slot, manifest in chain.items():
+            for client in ("generation", "judge_generation"):
+                if counts := (manifest.get("stats") or {}).get(client):
+                    totals.setdefault(client, Counter()).update(counts)
+    return {client: {k: round(v, 6) for k, v in sorted(counts.items())} for client, counts in totals.items()}
+
+
+def record_run(ctx: RunContext, status: str, exports: list[dict] | None = None, traffic: dict | None = None) -> dict:
     """The run's record: config, status, exported datasets, and this process's generation counts.
 
     ``stepforge export`` re-reads the config from it; the counts say what the last invocation
@@ -377,7 +376,8 @@ def record_run(ctx: RunContext, status: str, exports: list[dict] | None = None) 
     record = {
         "run": ctx.run, "created_at": time.time(), "status": status,
         "config": ctx.config.model_dump(mode="json"), "exports": exports or [],
-        "generation": ctx._client.stats.as_dict() if ctx._client else {},
+        "generation": {**ctx._client.stats.as_dict(), **ctx._client.counters()} if ctx._client else {},
+        "traffic": traffic or {},
     }
     write_json_atomic(ctx.store.root / "runs" / f"{ctx.run}.json", record)
     return record

@@ -1,5 +1,10 @@
 """The ``synthesize`` flow: ingest → rollout → label (mc / binary_search / mcts / none) → verify → consensus → pairs → export.
 
+Shards run one after another in this process, or, with a ``ray`` section, as tasks on a Ray
+cluster through Prefect's Ray task runner (a subflow, so the same flow and parameters serve
+both): each shard's chain waits only for its own upstream, and every worker process loads
+the model once and keeps it for the shards it is given.
+
 Thin by design: every task body is a function of ``flows.shards``. Tasks pass shard
 manifests (small dicts naming Parquet files), never data. Each task's Prefect cache key is
 the run name plus the shard's content key (input shard hash + config hash + model + stage
@@ -12,9 +17,10 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from prefect import flow, task
+from prefect.futures import PrefectFuture
 
 from stepforge.flows import shards
-from stepforge.flows.config import RunConfig
+from stepforge.flows.config import RayConfig, RunConfig
 from stepforge.storage.shards import ShardManifest
 
 _contexts: dict[str, shards.RunContext] = {}
@@ -93,17 +99,66 @@ def _cached(task_fn, ctx: shards.RunContext):
     cached manifest must never point at shards someone has deleted. So the first run of a
     shard persists its result unkeyed, and Prefect serves it from its cache from the next run on.
     """
-    stage = task_fn.name
+    stage, store, run = task_fn.name, ctx.store, ctx.run  # not ctx: Ray pickles the task, ctx holds locks
 
     def cache_key(_task_context, parameters: dict) -> str | None:
-        if ctx.store.manifest(ctx.run, stage, parameters["key"]) is None:
+        if store.manifest(run, stage, parameters["key"]) is None:
             return None
-        return f"{ctx.run}-{parameters['key']}"
+        return f"{run}-{parameters['key']}"
 
     # A Path (not an unsaved block) is Prefect's way to say "local directory" without a server-side block.
     return task_fn.with_options(
-        cache_key_fn=cache_key, persist_result=True, result_storage=ctx.store.root / "prefect-results",
+        cache_key_fn=cache_key, persist_result=True, result_storage=store.root / "prefect-results",
     )
+
+
+def _chains(config: dict, problem_shards: list[dict], submit: bool) -> list[dict[str, dict]]:
+    """Every stage over every problem shard. With ``submit`` the tasks go to the flow's task runner
+    (Ray), each waiting only for its own shard's upstream; otherwise they run one after another here."""
+    ctx = _context(config)
+    # The label task takes its labeller's stage name: its shards and cache keys live under it.
+    labeller_task = label_task.with_options(name=shards.label_stage(ctx))
+    tasks = [_cached(t, ctx) for t in (rollout_task, labeller_task, verify_task, consensus_task, pairs_task)]
+    rollout_t, label_t, verify_t, consensus_t, pairs_t = (t.submit if submit else t for t in tasks)
+    chains = []
+    for problem_shard in problem_shards:
+        keys = shards.chain_keys(ctx, problem_shard["shard"])
+        rollout_m = rollout_t(config, keys["rollout"], problem_shard)
+        evidence_m = label_t(config, keys["label"], problem_shard, rollout_m)
+        verify_m = verify_t(config, keys["verify"], problem_shard, rollout_m, evidence_m)
+        label_m = consensus_t(config, keys["consensus"], problem_shard, rollout_m, evidence_m, verify_m)
+        pairs_m = pairs_t(config, keys["pairs"], problem_shard, rollout_m, evidence_m, label_m)
+        chains.append(
+            {"ingest": problem_shard, "rollout": rollout_m, "label": evidence_m, "verify": verify_m,
+             "consensus": label_m, "pairs": pairs_m}
+        )
+    return [{slot: (m.result() if isinstance(m, PrefectFuture) else m) for slot, m in chain.items()} for chain in chains]
+
+
+@flow(name="shards-on-ray")
+def _chains_on_ray(config: dict, problem_shards: list[dict]) -> list[dict[str, dict]]:
+    ray = _context(config).config.ray
+    if ray.task_gpus:
+        from prefect_ray.context import remote_options
+
+        with remote_options(num_gpus=ray.task_gpus):
+            return _chains(config, problem_shards, submit=True)
+    return _chains(config, problem_shards, submit=True)
+
+
+def ray_task_runner(ray: RayConfig):
+    """Prefect's Ray task runner for ``ray``: a local cluster when no address is given."""
+    try:
+        from prefect_ray import RayTaskRunner
+    except ImportError as exc:
+        raise ImportError("running on Ray needs prefect-ray: pip install 'stepforge[ray]'") from exc
+    init: dict = {"include_dashboard": False, "ignore_reinit_error": True}
+    if ray.address is None:
+        init["num_cpus"] = ray.num_cpus
+        init["num_gpus"] = ray.num_gpus
+    if ray.runtime_env:
+        init["runtime_env"] = ray.runtime_env
+    return RayTaskRunner(address=ray.address, init_kwargs={k: v for k, v in init.items() if v is not None})
 
 
 @flow(name="synthesize", log_prints=True)
@@ -113,29 +168,20 @@ def synthesize(config: dict) -> dict:
     shards.record_run(ctx, "running")
     try:
         problem_shards, reject_shard = ingest_task(config)
-        # The label task takes its labeller's stage name: its shards and cache keys live under it.
-        labeller_task = label_task.with_options(name=shards.label_stage(ctx))
-        rollout_t, label_t, verify_t, consensus_t, pairs_t = (
-            _cached(t, ctx) for t in (rollout_task, labeller_task, verify_task, consensus_task, pairs_task)
-        )
-        chains = []
-        for problem_shard in problem_shards:
-            keys = shards.chain_keys(ctx, problem_shard["shard"])
-            rollout_m = rollout_t(config, keys["rollout"], problem_shard)
-            evidence_m = label_t(config, keys["label"], problem_shard, rollout_m)
-            verify_m = verify_t(config, keys["verify"], problem_shard, rollout_m, evidence_m)
-            label_m = consensus_t(config, keys["consensus"], problem_shard, rollout_m, evidence_m, verify_m)
-            pairs_m = pairs_t(config, keys["pairs"], problem_shard, rollout_m, evidence_m, label_m)
-            chains.append(
-                {"ingest": problem_shard, "rollout": rollout_m, "label": evidence_m, "verify": verify_m,
-                 "consensus": label_m, "pairs": pairs_m}
-            )
+        if ctx.config.ray is not None:
+            # Workers open the store by path: a relative one would resolve against their own directory.
+            config = {**config, "store": str(ctx.store.root)}
+            chains = _chains_on_ray.with_options(task_runner=ray_task_runner(ctx.config.ray))(config, problem_shards)
+        else:
+            chains = _chains(config, problem_shards, submit=False)
         exports = export_task(config, chains)
     except BaseException:
         shards.record_run(ctx, "failed")
         raise
-    record = shards.record_run(ctx, "completed", exports)
+    traffic = shards.shard_traffic(chains)
+    record = shards.record_run(ctx, "completed", exports, traffic)
     return {
         "run": ctx.run, "store": str(ctx.store.root), "exports": exports, "generation": record["generation"],
+        "traffic": traffic,
         "shards": sorted({reject_shard["shard"]} | {m["shard"] for chain in chains for m in chain.values()}),
     }
