@@ -88,7 +88,10 @@ def run_distilabel(server, args: argparse.Namespace, source: str = "generator") 
     command = [
         sys.executable, str(REPO / "benchmarks" / "distilabel_side.py"), "--base-url", server.base_url,
         "--model", server.model, "--problems", str(FIXTURE), "--limit", str(args.problems),
-        "--solutions", str(args.rollouts), "--completions", str(args.k), "--max-tokens", str(args.max_tokens),
+        "--solutions", str(args.rollouts), "--completions", str(args.k),
+        # Its generator writes all M solutions, and its completer all N completions, in ONE generation:
+        # give that generation room for them, or distilabel is measured on truncated output.
+        "--max-tokens", str(args.distilabel_max_tokens or args.max_tokens * max(args.rollouts, args.k)),
         "--temperature", "0.7", "--solutions-source", source,
     ]
     if args.distilabel_venv:
@@ -106,17 +109,22 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,4,16,64")
     parser.add_argument("--skip-distilabel", action="store_true")
     parser.add_argument("--distilabel-venv", type=Path, default=None)
+    parser.add_argument("--distilabel-max-tokens", type=int, default=None,
+                        help="Default: --max-tokens times max(M, N), as distilabel asks for M or N answers in one generation.")
+    parser.add_argument("--only-distilabel", action="store_true", help="Skip stepforge's runs.")
     args = parser.parse_args()
 
     results = []
     with llamacpp_server("smollm2-135m", n_ctx=4096) as server, tempfile.TemporaryDirectory() as tmp:
-        for level in [int(c) for c in args.concurrency.split(",")]:
+        for level in [] if args.only_distilabel else [int(c) for c in args.concurrency.split(",")]:
             result = run_stepforge(server, Path(tmp) / f"mc-{level}", args, labeller="mc", max_in_flight=level)
             results.append(result)
             print(json.dumps(result), flush=True)
-        best = max(results, key=lambda r: r["max_in_flight"])["max_in_flight"]
-        recipe = run_stepforge(server, Path(tmp) / "recipe", args, labeller="binary_search", max_in_flight=best)
-        print(json.dumps(recipe), flush=True)
+        recipe = None
+        if results:
+            best = max(results, key=lambda r: r["max_in_flight"])["max_in_flight"]
+            recipe = run_stepforge(server, Path(tmp) / "recipe", args, labeller="binary_search", max_in_flight=best)
+            print(json.dumps(recipe), flush=True)
         distilabel = None if args.skip_distilabel else run_distilabel(server, args)
         # Its completer alone on the reference solutions: what a labelled step costs it when its
         # parser is given steps it can read (SmolLM2 rarely writes distilabel's "Step k:" format).
@@ -127,7 +135,7 @@ def main() -> None:
 
     print("\n| run | in flight (limit) | labelled steps | steps/hour | completions/labelled step | CPU ms/request |")
     print("|---|---|---|---|---|---|")
-    for r in [*results, recipe]:
+    for r in [*results, *([recipe] if recipe else [])]:
         print(f"| stepforge {r['labeller']} | {r['mean_in_flight_ratio'] * r['max_in_flight']:.1f} ({r['max_in_flight']}) "
               f"| {r['labelled_steps']} | {r['steps_per_hour']} | {r['completions_per_labelled_step']} "
               f"| {r['pipeline_cpu_ms_per_request']} |")
@@ -135,10 +143,11 @@ def main() -> None:
         for name, r in (("distilabel 1.5.3", distilabel), ("distilabel 1.5.3, completer on gold solutions", distilabel_gold)):
             print(f"| {name} | - | {r['labelled_steps']} | {r['steps_per_hour']} "
                   f"| {r['completions_per_labelled_step']} | - |")
-        mc = max(results, key=lambda r: r["max_in_flight"])
-        for name, r in (("plain MC", mc), ("binary-search recipe", recipe)):
-            ratio = r["steps_per_hour"] / distilabel["steps_per_hour"] if distilabel["steps_per_hour"] else float("inf")
-            print(f"steps/hour, stepforge {name} / distilabel: {ratio:.2f}")
+        for name, r in (("plain MC", results[-1] if results else None), ("binary-search recipe", recipe)):
+            for other, d in (("distilabel", distilabel), ("distilabel on gold solutions", distilabel_gold)):
+                if r and d:
+                    ratio = r["steps_per_hour"] / d["steps_per_hour"] if d["steps_per_hour"] else float("inf")
+                    print(f"steps/hour, stepforge {name} / {other}: {ratio:.2f}")
 
 
 if __name__ == "__main__":

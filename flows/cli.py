@@ -67,6 +67,7 @@ def run(
         cfg, model=model, limit=limit, verify=verify, policy=policy, backend=backend, base_url=base_url,
         server=server, max_in_flight=max_in_flight, ray=ray,
     )
+    _require_engine(cfg)
     console.print(
         Panel.fit(f"run [bold]{cfg.run}[/] · model {cfg.backend.model_label} · labeller {cfg.labeller} · store {cfg.store.resolve()}")
     )
@@ -80,6 +81,22 @@ def run(
         finally:
             set_reporter(previous)
     print_summary(cfg.store, cfg.run, result)
+
+
+def _require_engine(cfg) -> None:
+    """Fail before any work when the chosen engine's package is missing, with what to install."""
+    import importlib.util
+
+    missing = []
+    if cfg.backend.kind == "vllm" and importlib.util.find_spec("vllm") is None:
+        missing.append("vLLM (a GPU machine): pip install 'stepforge[vllm]'")
+    if cfg.ray is not None and importlib.util.find_spec("prefect_ray") is None:
+        missing.append("Ray: pip install 'stepforge[ray]'")
+    if missing:
+        from rich.markup import escape
+
+        console.print("[red]not installed:[/] " + escape("; ".join(missing)))
+        raise typer.Exit(2)
 
 
 def _with_overrides(

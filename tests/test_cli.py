@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 from rich.console import Console
 from typer.testing import CliRunner
@@ -88,3 +89,13 @@ def test_every_shipped_config_validates():
     assert len(configs) >= 3
     for path in configs:
         RunConfig.from_yaml(path)
+
+
+def test_an_engine_that_is_not_installed_is_named_before_any_work(tmp_path):
+    source = Path(__file__).parent / "fixtures" / "gsm8k_sample.jsonl"
+    config = tmp_path / "run.yaml"
+    config.write_text(f"run: v\nstore: {tmp_path / 'store'}\ningest: {{source: {source}, format: gsm8k}}\n")
+    result = CliRunner().invoke(app, ["run", str(config), "--backend", "vllm", "--model", "Qwen/Qwen2.5-0.5B-Instruct"])
+    assert result.exit_code == 2
+    assert "pip install 'stepforge[vllm]'" in result.output
+    assert not (tmp_path / "store").exists()  # nothing ran

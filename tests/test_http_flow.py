@@ -4,18 +4,14 @@ through the fault-injection proxy at 20% faults: same output, the faults in the 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from cli_runs import run_cli, table_rows
 from conftest import LLAMA_SERVER_KEY
-from stepforge.schemas.records import TABLES
 from stepforge.stages.llm.fault_proxy import FaultConfig, running_proxy
-from stepforge.storage.catalog import Catalog
 
 FIXTURES = Path(__file__).parent / "fixtures"
 KEY_ENV = "STEPFORGE_TEST_LLAMA_KEY"
@@ -47,25 +43,8 @@ def write_config(tmp: Path, name: str, model: str) -> Path:
     return path
 
 
-def run_cli(config: Path, base_url: str, tmp: Path) -> str:
-    (tmp / "prefect-home").mkdir(parents=True)  # Prefect's temporary server does not start without it
-    env = {**os.environ, KEY_ENV: LLAMA_SERVER_KEY, "PREFECT_HOME": str(tmp / "prefect-home"), "NO_COLOR": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "stepforge.flows.cli", "run", str(config), "--backend", "openai", "--base-url", base_url],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=900,
-    )
-    out = proc.stdout.decode(errors="replace")
-    assert proc.returncode == 0, out[-3000:]
-    return out
-
-
-def table_rows(store: Path) -> dict[str, list[str]]:
-    with Catalog(store) as catalog:
-        catalog.refresh()
-        return {
-            table: sorted(json.dumps(r, sort_keys=True, default=str) for r in catalog.query(f"select * from {table}").to_pylist())
-            for table in TABLES
-        }
+def run_through(config: Path, base_url: str, tmp: Path) -> str:
+    return run_cli(config, tmp, "--backend", "openai", "--base-url", base_url, env={KEY_ENV: LLAMA_SERVER_KEY})
 
 
 def files_containing(root: Path, secret: bytes) -> list[Path]:
@@ -74,10 +53,10 @@ def files_containing(root: Path, secret: bytes) -> list[Path]:
 
 def test_a_run_through_twenty_percent_faults_matches_a_clean_run(llama_server, tmp_path):
     clean_dir, flaky_dir = tmp_path / "clean", tmp_path / "flaky"
-    clean_out = run_cli(write_config(tmp_path, "clean", llama_server.model), llama_server.base_url, clean_dir)
+    clean_out = run_through(write_config(tmp_path, "clean", llama_server.model), llama_server.base_url, clean_dir)
     faults = FaultConfig(rate=0.2, seed=7, hang_seconds=30, retry_after_seconds=0.5, max_faults_per_request=3)
     with running_proxy(llama_server.base_url.removesuffix("/v1"), faults) as proxy:
-        flaky_out = run_cli(write_config(tmp_path, "flaky", llama_server.model), proxy.base_url + "/v1", flaky_dir)
+        flaky_out = run_through(write_config(tmp_path, "flaky", llama_server.model), proxy.base_url + "/v1", flaky_dir)
         injected = {kind: n for kind, n in proxy.counts.items() if kind != "forwarded"}
 
     clean, flaky = table_rows(tmp_path / "clean" / "store"), table_rows(tmp_path / "flaky" / "store")

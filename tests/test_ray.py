@@ -4,19 +4,16 @@ tables as a single-process run of the same config."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from stepforge.schemas.records import TABLES
-from stepforge.storage.catalog import Catalog
+from cli_runs import run_cli, table_rows
 
 FIXTURES = Path(__file__).parent / "fixtures"
 pytestmark = pytest.mark.slow
+RAY_ENV = {"RAY_AUTH_MODE": "disabled"}  # a local cluster for this test only
 
 
 def write_config(tmp: Path, name: str) -> Path:
@@ -36,37 +33,15 @@ def write_config(tmp: Path, name: str) -> Path:
     return path
 
 
-def run_cli(config: Path, tmp: Path, *extra: str) -> str:
-    home = tmp / "prefect-home"
-    home.mkdir(parents=True)
-    env = {**os.environ, "PREFECT_HOME": str(home), "NO_COLOR": "1", "RAY_AUTH_MODE": "disabled"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "stepforge.flows.cli", "run", str(config), *extra],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=1200, cwd=tmp,
-    )
-    out = proc.stdout.decode(errors="replace")
-    assert proc.returncode == 0, out[-4000:]
-    return out
-
-
-def table_rows(store: Path) -> dict[str, list[str]]:
-    with Catalog(store) as catalog:
-        catalog.refresh()
-        return {
-            table: sorted(json.dumps(r, sort_keys=True, default=str) for r in catalog.query(f"select * from {table}").to_pylist())
-            for table in TABLES
-        }
-
-
 def test_shards_on_a_local_ray_cluster_match_a_single_process_run(tmp_path):
-    run_cli(write_config(tmp_path, "single"), tmp_path / "single")
+    run_cli(write_config(tmp_path, "single"), tmp_path / "single", env=RAY_ENV)
     # A relative store: workers must still write where the driver reads.
     config = write_config(tmp_path, "ray")
     data = yaml.safe_load(config.read_text())
     data["store"] = "store"
     data["ray"] = {"num_cpus": 2}
     config.write_text(yaml.safe_dump(data))
-    run_cli(config, tmp_path / "ray")
+    run_cli(config, tmp_path / "ray", env=RAY_ENV)
 
     single, on_ray = table_rows(tmp_path / "single" / "store"), table_rows(tmp_path / "ray" / "store")
     assert single["evaluations"] and single["labels"]

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from cli_runs import finish, start_run, table_rows
 from stepforge.schemas.records import TABLES
-from stepforge.storage.catalog import Catalog
 
 FIXTURES = Path(__file__).parent / "fixtures"
 pytestmark = pytest.mark.slow
@@ -41,19 +38,6 @@ def write_config(tmp: Path, name: str, labeller: str = "mc") -> Path:
     return path
 
 
-def start(config: Path, tmp: Path) -> subprocess.Popen:
-    env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect-home"), "NO_COLOR": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "stepforge.flows.cli", "run", str(config)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
-
-
-def finish(proc: subprocess.Popen) -> None:
-    out, _ = proc.communicate(timeout=900)
-    assert proc.returncode == 0, out.decode(errors="replace")[-3000:]
-
-
 def cached_samples(store: Path) -> int:
     path = store / "cache" / "generations.sqlite"
     if not path.exists():
@@ -65,27 +49,18 @@ def cached_samples(store: Path) -> int:
         return 0
 
 
-def table_rows(store: Path) -> dict[str, list[str]]:
-    with Catalog(store) as catalog:
-        catalog.refresh()
-        return {
-            table: sorted(json.dumps(r, sort_keys=True, default=str) for r in catalog.query(f"select * from {table}").to_pylist())
-            for table in TABLES
-        }
-
-
 def generation_record(store: Path) -> dict:
     return json.loads((store / "runs" / "resume.json").read_text())["generation"]
 
 
 @pytest.mark.parametrize("labeller", ["mc", "binary_search", "mcts"])
 def test_sigkilled_run_resumes_to_identical_output_without_regenerating(tmp_path, labeller):
-    finish(start(write_config(tmp_path, "whole", labeller), tmp_path))
+    finish(start_run(write_config(tmp_path, "whole", labeller), tmp_path))
     whole = tmp_path / "whole"
     total = generation_record(whole)["generated"]
     assert total == cached_samples(whole) and total > 6
 
-    victim = start(write_config(tmp_path, "killed", labeller), tmp_path)
+    victim = start_run(write_config(tmp_path, "killed", labeller), tmp_path)
     killed = tmp_path / "killed"
     deadline = time.monotonic() + 600
     while cached_samples(killed) < total // 2:
@@ -99,7 +74,7 @@ def test_sigkilled_run_resumes_to_identical_output_without_regenerating(tmp_path
     assert not (killed / "runs" / "resume.json").exists() or json.loads(
         (killed / "runs" / "resume.json").read_text())["status"] == "running"
 
-    finish(start(write_config(tmp_path, "killed", labeller), tmp_path))
+    finish(start_run(write_config(tmp_path, "killed", labeller), tmp_path))
     resumed = generation_record(killed)
     assert resumed["generated"] == total - survived, "every sample generated before the kill is replayed, not redone"
     assert resumed["cache_hits"] > 0, "the interrupted shard replays its cached samples"
