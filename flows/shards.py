@@ -360,7 +360,7 @@ def shard_traffic(chains: list[dict[str, dict]]) -> dict[str, dict[str, float]]:
     or Ray worker produced each shard, and however many times the run was resumed."""
     totals: dict[str, Counter] = {}
     for chain in chains:
-        for slot, manifest in chain.items():
+        for manifest in chain.values():
             for client in ("generation", "judge_generation"):
                 if counts := (manifest.get("stats") or {}).get(client):
                     totals.setdefault(client, Counter()).update(counts)

@@ -42,6 +42,7 @@ def sample(b: OpenAIBackend, request: GenerationRequest, start: int = 0):
     return asyncio.run(GenerationClient(b).generate(request, start))
 
 
+@pytest.mark.slow  # 16 samples through a server that evaluates prompts one token at a time
 def test_seeded_samples_from_the_server_reproduce_and_carry_token_detail(llama_server, key_in_env):
     first, again = backend(llama_server), backend(llama_server)
     try:
@@ -108,6 +109,7 @@ def test_cost_is_priced_from_the_server_usage(llama_server, key_in_env):
 
 
 # -- through the fault-injection proxy -------------------------------------------------------
+@pytest.mark.slow  # hangs are waited out to the client's timeout
 def test_every_fault_kind_is_retried_to_the_clean_answer(llama_server, key_in_env):
     clean = backend(llama_server)
     try:
