@@ -409,7 +409,10 @@ class OpenAIBackend:
 
     async def _generate(self, request: GenerationRequest, seed: int) -> Generation:
         path, body = request_body(request, seed, self.model, self.http, self.tokenizer)
-        estimated = self.count_tokens(body.get("prompt") or json.dumps(body.get("messages"))) + request.max_tokens
+        estimated = (  # only a tokens-per-minute budget needs the estimate (tokenizing costs CPU)
+            self.count_tokens(body.get("prompt") or json.dumps(body.get("messages"))) + request.max_tokens
+            if self._tpm else 0
+        )
         # A sample backing off keeps its slot: an overloaded server (429, 503) then sees fewer
         # requests, not the same number with the failed ones replaced by new ones.
         async with self._slots:
