@@ -30,6 +30,7 @@ def prefect_harness():
 
 
 LLAMA_SERVER_KEY = "sk-test-" + os.urandom(8).hex()  # a secret no file of the project contains
+LLAMA_KEY_ENV = "STEPFORGE_TEST_LLAMA_KEY"  # where the tests' clients find it
 
 
 @pytest.fixture(scope="session")

@@ -16,10 +16,10 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from asgi_server import serving
 from stepforge.stages.llm.fault_proxy import ALL_KINDS, FaultConfig, choose_fault, running_proxy
 
 FAST_KINDS = ("http_500", "http_503", "http_429", "truncated_json", "garbage_json")
@@ -49,23 +49,8 @@ def upstream() -> Iterator[tuple[str, collections.Counter]]:
         hits["models"] += 1
         return {"object": "list", "data": [{"id": "echo", "object": "model"}]}
 
-    sock = socket.socket()
-    # Accepted sockets inherit this; without it every response waits ~40 ms on delayed ACKs
-    # (uvicorn writes headers and body separately, and a socket it is handed keeps Nagle on).
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "upstream did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}", hits
-    server.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    with serving(app) as url:
+        yield url, hits
 
 
 def client(base_url: str, timeout: float = 5.0) -> httpx.Client:

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from conftest import LLAMA_KEY_ENV as KEY_ENV
 from conftest import LLAMA_SERVER_KEY
 from stepforge.stages.llm import GenerationClient, GenerationError, GenerationRequest
 from stepforge.stages.llm.fault_proxy import FaultConfig, running_proxy
@@ -16,7 +17,6 @@ from stepforge.stages.llm.openai_http import (
     HttpConfig, OpenAIBackend, _RateLimiter, _Retry, parse_response, request_body,
 )
 
-KEY_ENV = "STEPFORGE_TEST_LLAMA_KEY"
 PROBLEM = (("user", "Tom has 3 apples and buys 4 more. How many apples does he have?"),)
 
 

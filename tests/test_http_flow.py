@@ -10,11 +10,11 @@ import pytest
 import yaml
 
 from cli_runs import run_cli, table_rows
+from conftest import LLAMA_KEY_ENV as KEY_ENV
 from conftest import LLAMA_SERVER_KEY
 from stepforge.stages.llm.fault_proxy import FaultConfig, running_proxy
 
 FIXTURES = Path(__file__).parent / "fixtures"
-KEY_ENV = "STEPFORGE_TEST_LLAMA_KEY"
 pytestmark = pytest.mark.slow
 
 

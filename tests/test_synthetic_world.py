@@ -10,17 +10,15 @@ import asyncio
 import json
 import math
 import re
-import socket
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
+from asgi_server import serving
 from stepforge.schemas.records import Problem as ProblemRecord
 from stepforge.stages.answers import extract_final_answer, gsm8k_gold_answer
 from stepforge.stages.ingest import IngestConfig
@@ -390,23 +388,9 @@ def test_generation_client_samples_are_independent_and_cached_by_model() -> None
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[tuple[str, WorldConfig]]:
-    import uvicorn
-
     config = WorldConfig(slip_rate=0.2, wrong_op_rate=0.2)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(create_app(config), log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not uv.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}", config
-    uv.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    with serving(create_app(config)) as url:
+        yield url, config
 
 
 def test_openai_server_serves_the_backend(server: tuple[str, WorldConfig]) -> None:
