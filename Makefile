@@ -23,7 +23,9 @@ $(VENV)/.installed-demo: pyproject.toml requirements.lock | $(BIN)/python
 demo: $(VENV)/.installed-demo
 	$(BIN)/stepforge run
 
+# Chromium renders the HTML report in its screenshot test; without root or apt that test skips and says why.
 test: $(VENV)/.installed-test
+	-bash .ci/install-chromium
 	$(BIN)/python -m pytest
 
 test-fast: $(VENV)/.installed-test

@@ -225,6 +225,13 @@ def export(
     store: Path = typer.Option(Path("stepforge-data"), help="Store root."),
     run_name: str = typer.Option("demo", "--run", help="Run to export."),
     out: Optional[Path] = typer.Option(None, help="Output directory (default: the run's configured one)."),
+    push_to_hub: Optional[str] = typer.Option(
+        None, "--push-to-hub",
+        help="Publish the Parquet datasets and the card to this Hugging Face dataset repo (owner/name), or to a local "
+        "folder given as file://DIR.",
+    ),
+    private: bool = typer.Option(False, help="Create the Hub repo private."),
+    token_env: str = typer.Option("HF_TOKEN", help="Environment variable holding the Hub token."),
 ) -> None:
     """Re-export a run's stored labels and pairs as datasets, without generating anything."""
     from stepforge.flows.config import RunConfig
@@ -245,8 +252,43 @@ def export(
             console.print(f"[yellow]{incomplete} problem shard(s) are not fully labelled yet and are left out[/]")
         for summary in export_run(ctx, chains):
             console.print(f"{summary['dataset']}: {summary['rows']} rows → {summary['path']}")
+        if push_to_hub:
+            from stepforge.flows.hub import push_to_hub as publish
+
+            try:
+                where = publish(ctx.config.export.out_dir, push_to_hub, token_env=token_env, private=private)
+            except ValueError as exc:
+                console.print(f"[red]{exc}[/]")
+                raise typer.Exit(1) from exc
+            console.print(f"published → {where}")
     finally:
         ctx.close()
+
+
+@app.command()
+def report(
+    store: Path = typer.Option(Path("stepforge-data"), help="Store root."),
+    run_name: str = typer.Argument(..., metavar="RUN", help="Run to report on."),
+    out: Optional[Path] = typer.Option(None, help="HTML file to write (default <store>/reports/<run>.html)."),
+) -> None:
+    """Write a static HTML report of a run: labels per source, values along solutions, agreement, rejects, cost."""
+    from stepforge.flows.config import RunConfig
+    from stepforge.flows.report import write_report
+    from stepforge.flows.shards import RunContext, chain_shard_keys, completed_chains
+
+    run_file = Path(store) / "runs" / f"{run_name}.json"
+    if not run_file.exists():
+        console.print(f"[red]no run {run_name!r} in {store}[/]")
+        raise typer.Exit(1)
+    ctx = RunContext(RunConfig.model_validate(json.loads(run_file.read_text())["config"]))
+    try:
+        chains, incomplete = completed_chains(ctx)
+        if incomplete:
+            console.print(f"[yellow]{incomplete} problem shard(s) are not complete and are left out[/]")
+        path = write_report(store, run_name, out, shards=chain_shard_keys(ctx, chains))
+    finally:
+        ctx.close()
+    console.print(f"report → {path}")
 
 
 eval_app = typer.Typer(no_args_is_help=True, help="Score label sources and consensus policies against reference labels.")

@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from stepforge.stages.agent_pairs import AgentPairsConfig
+from stepforge.stages.augment import AugmentConfig
 from stepforge.stages.binary_search import BinarySearchConfig
 from stepforge.stages.consensus import ConsensusConfig
 from stepforge.stages.export import ExportConfig
@@ -21,6 +23,7 @@ from stepforge.stages.pairs import PairsConfig
 from stepforge.stages.prompting import PromptConfig
 from stepforge.stages.rollout import RolloutConfig
 from stepforge.stages.split import SplitConfig
+from stepforge.stages.step_filter import FilterConfig
 from stepforge.stages.verify import VerifyConfig
 
 
@@ -76,6 +79,18 @@ class RunConfig(BaseModel):
     consensus: ConsensusConfig = Field(default_factory=ConsensusConfig, description="How evaluations become labels.")
     pairs: PairsConfig = Field(
         default_factory=PairsConfig, description="Preference pairs from the tree: step_dpo, sibling, trajectory."
+    )
+    filter: FilterConfig = Field(
+        default_factory=FilterConfig, description="Agent trajectories: which steps are kept for SFT (WebSTAR)."
+    )
+    augment: AugmentConfig = Field(
+        default_factory=AugmentConfig, description="Agent trajectories: reasoning written for each kept step."
+    )
+    augment_backend: BackendConfig | None = Field(
+        default=None, description="The reasoning writer's model and engine; None = the judge's, else the policy's."
+    )
+    agent_pairs: AgentPairsConfig = Field(
+        default_factory=AgentPairsConfig, description="Agent trajectories: wrong action vs a better sampled one."
     )
     export: ExportConfig | None = Field(default=None, description="Dataset export; default <store>/exports/<run>.")
     ray: RayConfig | None = Field(

@@ -13,13 +13,26 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from stepforge.flows.config import RunConfig
 from stepforge.flows.progress import reporter
 from stepforge.schemas.ids import content_hash
 from stepforge.schemas.records import Problem, Record, Reject
-from stepforge.stages import binary_search, consensus, export, ingest, mc_label, mcts, pairs, rollout, verify
+from stepforge.stages import (
+    agent_pairs,
+    augment,
+    binary_search,
+    consensus,
+    export,
+    ingest,
+    mc_label,
+    mcts,
+    pairs,
+    rollout,
+    step_filter,
+    verify,
+)
 from stepforge.stages.answers import AnswerChecker
 from stepforge.stages.llm import GenerationCache, GenerationClient, backend_model_id, load_backend
 from stepforge.storage.shards import ShardManifest, ShardStore, write_json_atomic
@@ -35,6 +48,8 @@ STAGE_TABLES = {
     "verify": ("evaluations", "rejects"),
     "consensus": ("labels", "rejects"),
     "pairs": ("pairs", "rejects"),
+    # Agent trajectories: step decisions, written reasoning, and better actions with their grades and pairs.
+    "filter": ("step_filter", "augmentations", "nodes", "evaluations", "pairs", "rejects"),
 }
 
 
@@ -47,6 +62,7 @@ class RunContext:
     checker: AnswerChecker = field(default_factory=AnswerChecker)
     _client: GenerationClient | None = None
     _judge_client: GenerationClient | None = None
+    _writer_client: GenerationClient | None = None
 
     def __post_init__(self) -> None:
         self.store = ShardStore(self.config.store)
@@ -74,6 +90,20 @@ class RunContext:
             self._judge_client = GenerationClient(load_backend(judge_backend), self._cache())
         return self._judge_client
 
+    def writer_backend(self):
+        """The reasoning writer's backend config: augment_backend, else the judge's, else the policy's."""
+        return self.config.augment_backend or self.config.verify.judge_backend or self.config.backend
+
+    def writer_client(self) -> GenerationClient:
+        backend = self.writer_backend()
+        if backend == self.config.backend:
+            return self.client()
+        if backend == self.config.verify.judge_backend:
+            return self.judge_client()
+        if self._writer_client is None:
+            self._writer_client = GenerationClient(load_backend(backend), self._cache())
+        return self._writer_client
+
     def _cache(self) -> GenerationCache:
         return GenerationCache(self.store.root / "cache" / "generations.sqlite")
 
@@ -90,7 +120,10 @@ def _by_table(records: Iterable[Record], tables: tuple[str, ...]) -> dict[str, l
 
 def _write(ctx: RunContext, stage: str, key: str, records: Iterable[Record], inputs: list[str], **stats) -> ShardManifest:
     started = time.perf_counter()
-    clients = {"generation": lambda: ctx._client, "judge_generation": lambda: ctx._judge_client}
+    clients = {
+        "generation": lambda: ctx._client, "judge_generation": lambda: ctx._judge_client,
+        "writer_generation": lambda: ctx._writer_client,
+    }
     before = {name: (c().counters() if c() else {}) for name, c in clients.items()}
     grouped = _by_table(records, STAGE_TABLES[stage])
     for name, current in clients.items():
@@ -184,6 +217,12 @@ def verify_key(ctx: RunContext, label_shard: str) -> str:
     parts: dict = {"sources": list(cfg.sources)}
     if "tool" in cfg.sources:
         parts["tool"] = cfg.tool.model_dump(mode="json", exclude={"code_workers"})
+    # Agent settings enter only when changed, so stores made before they existed keep their keys.
+    for section in ("agent_tool", "agent_judge"):
+        source = "tool" if section == "agent_tool" else "judge"
+        current = getattr(cfg, section)
+        if source in cfg.sources and current != type(current)():
+            parts[section] = current.model_dump(mode="json")
     if "judge" in cfg.sources:
         judge_backend = cfg.judge_backend or ctx.config.backend
         parts["judge"] = cfg.judge.model_dump(mode="json")
@@ -200,6 +239,22 @@ def pairs_key(ctx: RunContext, label_shard: str) -> str:
     return content_hash("pairs", pairs.VERSION, label_shard, ctx.config.pairs.model_dump())
 
 
+def filter_key(ctx: RunContext, consensus_shard: str) -> str:
+    """The filter is pure; the writer and the alternatives enter the key only when they run."""
+    cfg = ctx.config
+    parts: dict = {"filter": cfg.filter.model_dump(mode="json")}
+    if cfg.augment.enabled:
+        writer = ctx.writer_backend()
+        parts["augment"] = (cfg.augment.model_dump(mode="json"), backend_model_id(writer), writer.n_ctx)
+    if cfg.agent_pairs.enabled:
+        judge_backend = cfg.verify.judge_backend or cfg.backend
+        parts["agent_pairs"] = (
+            cfg.agent_pairs.model_dump(mode="json"), _engine(ctx), cfg.verify.agent_judge.model_dump(mode="json"),
+            backend_model_id(judge_backend), judge_backend.n_ctx,
+        )
+    return content_hash("filter", step_filter.VERSION, consensus_shard, parts)
+
+
 def chain_keys(ctx: RunContext, problem_shard: str) -> dict[str, str]:
     """The key of every stage's shard downstream of one problem shard, under this run's config."""
     keys = {"rollout": rollout_key(ctx, problem_shard)}
@@ -207,6 +262,7 @@ def chain_keys(ctx: RunContext, problem_shard: str) -> dict[str, str]:
     keys["verify"] = verify_key(ctx, keys["label"])
     keys["consensus"] = consensus_key(ctx, keys["verify"])
     keys["pairs"] = pairs_key(ctx, keys["consensus"])
+    keys["filter"] = filter_key(ctx, keys["consensus"])
     return keys
 
 
@@ -318,6 +374,47 @@ def pairs_shard(
     return _write(ctx, "pairs", key, records, [label_manifest.shard])
 
 
+def filter_shard(
+    ctx: RunContext,
+    key: str,
+    problem_shard: ShardManifest,
+    rollout_manifest: ShardManifest,
+    label_stage_manifest: ShardManifest,
+    verify_manifest: ShardManifest,
+    label_manifest: ShardManifest,
+) -> ShardManifest:
+    """Agent trajectories: step filtering, reasoning for the kept steps, better actions at wrong ones.
+
+    A shard without agent problems is written empty without loading a model.
+    """
+    if (done := ctx.store.manifest(ctx.run, "filter", key)) is not None:
+        return done
+    cfg = ctx.config
+    from stepforge.stages.agent import is_agent_problem
+
+    problems = [p for p in _problems(ctx, problem_shard) if is_agent_problem(p)]
+    if not problems:
+        return _write(ctx, "filter", key, [], [label_manifest.shard])
+    tree = [problem_shard, rollout_manifest, label_stage_manifest]
+    rollouts = ctx.store.read_rows("rollouts", tree)
+    nodes = ctx.store.read_rows("nodes", tree)
+    labels = ctx.store.read_rows("labels", [label_manifest])
+    evaluations = ctx.store.read_rows("evaluations", [problem_shard, label_stage_manifest, verify_manifest])
+    decisions = list(step_filter.run(problems, rollouts, labels, evaluations, cfg.filter))
+    records: list[Record] = list(decisions)
+    if cfg.augment.enabled:
+        kept = [d.node_id for d in decisions if d.kept]
+        with reporter().track(f"reasoning {problem_shard.shard[:8]}", len(set(kept))):
+            records.extend(augment.run(problems, nodes, kept, cfg.augment, ctx.writer_client()))
+    if cfg.agent_pairs.enabled:
+        with reporter().track(f"agent pairs {problem_shard.shard[:8]}", len(problems)):
+            records.extend(
+                agent_pairs.run(problems, rollouts, nodes, labels, cfg.agent_pairs, cfg.verify.agent_judge,
+                                ctx.client(), ctx.judge_client())
+            )
+    return _write(ctx, "filter", key, records, [label_manifest.shard])
+
+
 def run_chain(ctx: RunContext, problem_shard: ShardManifest) -> dict[str, ShardManifest]:
     """Every stage over one problem shard, without Prefect (benchmarks, other executors)."""
     keys = chain_keys(ctx, problem_shard.shard)
@@ -331,6 +428,9 @@ def run_chain(ctx: RunContext, problem_shard: ShardManifest) -> dict[str, ShardM
     chain["pairs"] = pairs_shard(
         ctx, keys["pairs"], problem_shard, chain["rollout"], chain["label"], chain["consensus"]
     )
+    chain["filter"] = filter_shard(
+        ctx, keys["filter"], problem_shard, chain["rollout"], chain["label"], chain["verify"], chain["consensus"]
+    )
     return chain
 
 
@@ -340,18 +440,45 @@ def export_run(ctx: RunContext, chains: list[dict[str, ShardManifest]]) -> list[
     store = ctx.store
 
     def read(table: str, *stages: str):
-        return store.read(table, [chain[stage] for chain in chains for stage in stages])
+        return store.read(table, [chain[stage] for chain in chains if all(s in chain for s in stages) for stage in stages])
 
     return list(
         export.run(
             ctx.config.export,
             problems=read("problems", "ingest"),
             rollouts=read("rollouts", "ingest", "rollout", "label"),
-            nodes=read("nodes", "ingest", "rollout", "label"),
+            nodes=read("nodes", "ingest", "rollout", "label", "filter"),
             labels=read("labels", "consensus"),
             pairs=read("pairs", "pairs"),
+            step_filter=read("step_filter", "filter"),
+            augmentations=read("augmentations", "filter"),
+            agent_pairs=read("pairs", "filter"),
+            provenance=run_provenance(ctx, chains),
         )
     )
+
+
+def chain_shard_keys(ctx: RunContext, chains: list[dict[str, ShardManifest]]) -> set[str]:
+    """The shard keys the run's current config reads: its chains and the ingest rejects."""
+    keys = {m.shard if isinstance(m, ShardManifest) else m["shard"] for chain in chains for m in chain.values()}
+    return keys | {ingest_shards(ctx)[1].shard}
+
+
+def run_provenance(ctx: RunContext, chains: list[dict[str, ShardManifest]]) -> dict:
+    """What the dataset card says about how the data was made: the run's key figures over exactly
+    these chains (the DuckDB catalog restricted to their shards), the config, and the traffic."""
+    from stepforge.flows.figures import run_figures, traffic_cost
+
+    figures = run_figures(ctx.store.root, ctx.run, chain_shard_keys(ctx, chains))
+    # The run record's traffic is written after the export; the chains' manifests already hold it.
+    manifests = [{slot: asdict(m) for slot, m in chain.items()} for chain in chains]
+    seconds: Counter = Counter()
+    for chain in manifests:
+        for manifest in chain.values():
+            seconds[manifest["stage"]] += (manifest.get("stats") or {}).get("seconds", 0.0)
+    by_stage = {stage: round(value, 3) for stage, value in sorted(seconds.items())}
+    figures["cost"] = traffic_cost(shard_traffic(manifests), by_stage, figures["counts"]["labels"])
+    return {"figures": figures, "config": ctx.config.model_dump(mode="json")}
 
 
 def shard_traffic(chains: list[dict[str, dict]]) -> dict[str, dict[str, float]]:
@@ -361,7 +488,7 @@ def shard_traffic(chains: list[dict[str, dict]]) -> dict[str, dict[str, float]]:
     totals: dict[str, Counter] = {}
     for chain in chains:
         for manifest in chain.values():
-            for client in ("generation", "judge_generation"):
+            for client in ("generation", "judge_generation", "writer_generation"):
                 if counts := (manifest.get("stats") or {}).get(client):
                     totals.setdefault(client, Counter()).update(counts)
     return {client: {k: round(v, 6) for k, v in sorted(counts.items())} for client, counts in totals.items()}

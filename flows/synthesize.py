@@ -1,4 +1,5 @@
-"""The ``synthesize`` flow: ingest → rollout → label (mc / binary_search / mcts / none) → verify → consensus → pairs → export.
+"""The ``synthesize`` flow: ingest → rollout → label (mc / binary_search / mcts / none) → verify → consensus → pairs
+and filter (agent trajectories) → export.
 
 Shards run one after another in this process, or, with a ``ray`` section, as tasks on a Ray
 cluster through Prefect's Ray task runner (a subflow, so the same flow and parameters serve
@@ -20,6 +21,8 @@ from prefect import flow, task
 from prefect.futures import PrefectFuture
 
 from stepforge.flows import shards
+from stepforge.flows.artifacts import publish_artifacts
+from stepforge.flows.figures import run_figures
 from stepforge.flows.config import RayConfig, RunConfig
 from stepforge.storage.shards import ShardManifest
 
@@ -79,6 +82,15 @@ def pairs_task(config: dict, key: str, problem_shard: dict, rollout_shard: dict,
     )
 
 
+@task(name="filter")
+def filter_task(
+    config: dict, key: str, problem_shard: dict, rollout_shard: dict, mc_shard: dict, verify_shard: dict, label_shard: dict
+) -> dict:
+    ctx = _context(config)
+    manifests = (_manifest(m) for m in (problem_shard, rollout_shard, mc_shard, verify_shard, label_shard))
+    return asdict(shards.filter_shard(ctx, key, *manifests))
+
+
 @task(name="ingest")
 def ingest_task(config: dict) -> tuple[list[dict], dict]:
     problem_shards, reject_shard = shards.ingest_shards(_context(config))
@@ -118,8 +130,8 @@ def _chains(config: dict, problem_shards: list[dict], submit: bool) -> list[dict
     ctx = _context(config)
     # The label task takes its labeller's stage name: its shards and cache keys live under it.
     labeller_task = label_task.with_options(name=shards.label_stage(ctx))
-    tasks = [_cached(t, ctx) for t in (rollout_task, labeller_task, verify_task, consensus_task, pairs_task)]
-    rollout_t, label_t, verify_t, consensus_t, pairs_t = (t.submit if submit else t for t in tasks)
+    tasks = [_cached(t, ctx) for t in (rollout_task, labeller_task, verify_task, consensus_task, pairs_task, filter_task)]
+    rollout_t, label_t, verify_t, consensus_t, pairs_t, filter_t = (t.submit if submit else t for t in tasks)
     chains = []
     for problem_shard in problem_shards:
         keys = shards.chain_keys(ctx, problem_shard["shard"])
@@ -128,9 +140,10 @@ def _chains(config: dict, problem_shards: list[dict], submit: bool) -> list[dict
         verify_m = verify_t(config, keys["verify"], problem_shard, rollout_m, evidence_m)
         label_m = consensus_t(config, keys["consensus"], problem_shard, rollout_m, evidence_m, verify_m)
         pairs_m = pairs_t(config, keys["pairs"], problem_shard, rollout_m, evidence_m, label_m)
+        filter_m = filter_t(config, keys["filter"], problem_shard, rollout_m, evidence_m, verify_m, label_m)
         chains.append(
             {"ingest": problem_shard, "rollout": rollout_m, "label": evidence_m, "verify": verify_m,
-             "consensus": label_m, "pairs": pairs_m}
+             "consensus": label_m, "pairs": pairs_m, "filter": filter_m}
         )
     return [{slot: (m.result() if isinstance(m, PrefectFuture) else m) for slot, m in chain.items()} for chain in chains]
 
@@ -180,8 +193,9 @@ def synthesize(config: dict) -> dict:
         raise
     traffic = shards.shard_traffic(chains)
     record = shards.record_run(ctx, "completed", exports, traffic)
+    shard_keys = sorted({reject_shard["shard"]} | {m["shard"] for chain in chains for m in chain.values()})
+    publish_artifacts(run_figures(ctx.store.root, ctx.run, set(shard_keys)), ctx.run)
     return {
         "run": ctx.run, "store": str(ctx.store.root), "exports": exports, "generation": record["generation"],
-        "traffic": traffic,
-        "shards": sorted({reject_shard["shard"]} | {m["shard"] for chain in chains for m in chain.values()}),
+        "traffic": traffic, "shards": shard_keys,
     }

@@ -28,6 +28,18 @@ in a format when those keys are present with the right types.
   Step-KTO rows are unpaired rows whose completion is one step and whose prompt ends with
   the steps before it.
 
+- ``conversational_sft`` (agent SFT with per-turn masking, as in STeP: TRL's conversational
+  ``messages`` plus which turns are trained on)::
+
+    {"messages": [{"role": ..., "content": ..., ...}], "train_mask": list[bool]}
+
+  ``train_mask`` has one flag per message; only assistant turns may be True, at least one is.
+- ``conversational_preference`` (TRL DPOTrainer, conversational with an explicit prompt)::
+
+    {"prompt": [messages], "chosen": [assistant message], "rejected": [assistant message]}
+
+- ``step_decisions``: one row per filtered-out step, ``{action, filter_reason}`` plus provenance.
+
 Extra (provenance) keys are allowed, except keys that define another format: TRL picks a
 code path from the keys it sees (e.g. KTOTrainer unpairs any dataset with ``chosen`` and
 ``rejected``), so a row must never look like two formats at once.
@@ -52,6 +64,9 @@ FORMAT_KEYS: dict[str, tuple[str, ...]] = {
     "math_shepherd": ("input", "label", "value"),
     "preference": ("prompt", "chosen", "rejected"),
     "unpaired_preference": ("prompt", "completion", "label"),
+    "conversational_sft": ("messages", "train_mask"),
+    "conversational_preference": ("prompt", "chosen", "rejected"),
+    "step_decisions": ("action", "filter_reason"),
 }
 """Required keys per format. Any other key is allowed unless it is in ``CONFLICTING_KEYS``."""
 
@@ -144,6 +159,51 @@ def _unpaired_preference_problems(row: Row) -> list[str]:
     return problems
 
 
+_ROLES = ("system", "user", "assistant", "tool")
+
+
+def _message_problems(messages: Any, key: str, roles: tuple[str, ...] = _ROLES) -> list[str]:
+    if not isinstance(messages, list) or not messages:
+        return [f"{key!r} must be a non-empty list of messages"]
+    problems = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping) or message.get("role") not in roles:
+            problems.append(f"{key}[{i}] is not a message with role in {roles}")
+        elif not isinstance(message.get("content"), str):
+            problems.append(f"{key}[{i}].content must be a str")
+    return problems
+
+
+def _conversational_sft_problems(row: Row) -> list[str]:
+    messages, mask = row["messages"], row["train_mask"]
+    problems = _message_problems(messages, "messages")
+    if not isinstance(mask, list) or any(not isinstance(flag, bool) for flag in mask):
+        return problems + ["'train_mask' must be a list of bool"]
+    if problems:
+        return problems
+    if len(mask) != len(messages):
+        return [f"'train_mask' has {len(mask)} flags but 'messages' has {len(messages)}"]
+    if not any(mask):
+        problems.append("'train_mask' trains on no turn")
+    wrong = [i for i, flag in enumerate(mask) if flag and messages[i]["role"] != "assistant"]
+    if wrong:
+        problems.append(f"'train_mask' trains on non-assistant messages {wrong}")
+    return problems
+
+
+def _conversational_preference_problems(row: Row) -> list[str]:
+    problems = _message_problems(row["prompt"], "prompt")
+    for key in ("chosen", "rejected"):
+        problems += _message_problems(row[key], key, ("assistant",))
+    if not problems and row["chosen"] == row["rejected"]:
+        problems.append("'chosen' and 'rejected' are identical")
+    return problems
+
+
+def _step_decisions_problems(row: Row) -> list[str]:
+    return _non_empty_string_problems(row, ["action", "filter_reason"])
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -220,11 +280,40 @@ def is_unpaired_preference(example: Row) -> bool:
     return _is("unpaired_preference", example, _unpaired_preference_problems)
 
 
+def validate_conversational_sft(data: Rows) -> None:
+    """Raise ``FormatError`` unless every row is ``{messages, train_mask}`` training on assistant turns only."""
+    _validate("conversational_sft", data, _conversational_sft_problems)
+
+
+def validate_conversational_preference(data: Rows) -> None:
+    """Raise ``FormatError`` unless every row is ``{prompt: messages, chosen/rejected: assistant messages}``."""
+    _validate("conversational_preference", data, _conversational_preference_problems)
+
+
+def validate_step_decisions(data: Rows) -> None:
+    _validate("step_decisions", data, _step_decisions_problems)
+
+
+def is_conversational_sft(example: Row) -> bool:
+    return _is("conversational_sft", example, _conversational_sft_problems)
+
+
+def is_conversational_preference(example: Row) -> bool:
+    return _is("conversational_preference", example, _conversational_preference_problems)
+
+
+def is_step_decisions(example: Row) -> bool:
+    return _is("step_decisions", example, _step_decisions_problems)
+
+
 VALIDATORS: dict[str, Callable[[Rows], None]] = {
     "stepwise_supervision": validate_stepwise_supervision,
     "math_shepherd": validate_math_shepherd,
     "preference": validate_preference,
     "unpaired_preference": validate_unpaired_preference,
+    "conversational_sft": validate_conversational_sft,
+    "conversational_preference": validate_conversational_preference,
+    "step_decisions": validate_step_decisions,
 }
 
 

@@ -27,7 +27,9 @@ class Problem(Record):
     source: str = Field(description="Where the problem came from: dataset id or file path.")
     source_index: int = Field(description="Row index in the source, for tracing back.")
     question: str = Field(min_length=1, description="Problem statement shown to the policy.")
-    gold_answer: str = Field(min_length=1, description="Reference final answer, as extracted.")
+    gold_answer: str | None = Field(
+        min_length=1, description="Reference final answer, as extracted; None only for agent tasks without one."
+    )
     gold_solution: str | None = Field(default=None, description="Reference worked solution, if any.")
     meta: str = Field(default="{}", description="JSON object of extra source fields.")
 
@@ -44,7 +46,7 @@ class Problem(Record):
     )
 
 
-Origin = Literal["policy", "mc", "mcts"]
+Origin = Literal["policy", "mc", "mcts", "alternative"]
 
 
 class Node(Record):
@@ -55,7 +57,8 @@ class Node(Record):
     depth: int = Field(ge=1, description="1 for a first step.")
     text: str = Field(description="The step text as generated (not normalised).")
     origin: Origin = Field(
-        description="'policy' for a rollout step, 'mc' for a Monte Carlo completion's, 'mcts' for a tree-search expansion's."
+        description="'policy' for a rollout step, 'mc' for a Monte Carlo completion's, 'mcts' for a tree-search "
+        "expansion's, 'alternative' for an agent action sampled in place of a wrong one (agent pairs)."
     )
     num_tokens: int = Field(ge=0, description="Tokens of this step, as the policy's tokenizer counts.")
 
@@ -273,8 +276,69 @@ class EvalResult(Record):
     )
 
 
+class StepDecision(Record):
+    """Whether one step of a trajectory is kept for SFT (WebSTAR-style step filtering), and why."""
+
+    TABLE: ClassVar[str] = "step_filter"
+    rollout_id: str
+    node_id: str
+    problem_id: str
+    step_index: int = Field(ge=0, description="0-based position of the step in the trajectory.")
+    kept: bool
+    reason: str = Field(
+        pattern=r"^[a-z][a-z0-9_]*$",
+        description="kept, or why not: unlabelled, label_negative, label_neutral, low_confidence, score_below_threshold, "
+        "no_score, after_error.",
+    )
+    label: int | None = Field(description="The step's consensus label, if any.")
+    confidence: float | None
+    score: float | None = Field(description="The rubric judge's mean 1-10 score, if graded.")
+    policy: str = Field(description="Filter settings id (min_label, min_score, ...).")
+
+    ARROW_SCHEMA: ClassVar[pa.Schema] = pa.schema(
+        [
+            ("rollout_id", pa.string()),
+            ("node_id", pa.string()),
+            ("problem_id", pa.string()),
+            ("step_index", pa.int32()),
+            ("kept", pa.bool_()),
+            ("reason", pa.string()),
+            ("label", pa.int8()),
+            ("confidence", pa.float64()),
+            ("score", pa.float64()),
+            ("policy", pa.string()),
+        ]
+    )
+
+
+class Augmentation(Record):
+    """Reasoning written for a kept agent step: why this action, given the context (and its result)."""
+
+    TABLE: ClassVar[str] = "augmentations"
+    node_id: str
+    problem_id: str
+    reasoning: str = Field(min_length=1, description="The written reasoning that leads to the step's action.")
+    original: str = Field(description="The thought the agent wrote itself (may be empty).")
+    model: str
+    generation_key: str
+    cost_tokens: int = Field(ge=0)
+
+    ARROW_SCHEMA: ClassVar[pa.Schema] = pa.schema(
+        [
+            ("node_id", pa.string()),
+            ("problem_id", pa.string()),
+            ("reasoning", pa.string()),
+            ("original", pa.string()),
+            ("model", pa.string()),
+            ("generation_key", pa.string()),
+            ("cost_tokens", pa.int64()),
+        ]
+    )
+
+
 RECORD_TYPES: dict[str, type[Record]] = {
-    cls.TABLE: cls for cls in (Problem, Node, Rollout, Evaluation, Label, Pair, Reject, EvalResult)
+    cls.TABLE: cls
+    for cls in (Problem, Node, Rollout, Evaluation, Label, Pair, Reject, EvalResult, StepDecision, Augmentation)
 }
 TABLES = tuple(RECORD_TYPES)
 

@@ -17,8 +17,10 @@ Policies (``ConsensusConfig.policy``) read different evidence:
 
 Rules applied on top, in this order, each optional and visible in the policy id:
 
-1. ``tool_veto``: a failed tool check (a false calculation, failing code, a wrong final answer)
-   is decisive evidence of an error: the step is -1 whatever the other sources say.
+1. ``tool_veto``: a failed tool check (a false calculation, failing code, a wrong final answer,
+   a malformed tool call) is decisive evidence of an error: the step is -1 whatever the other
+   sources say. Checks whose failure is weaker evidence (an agent's repeated call or an
+   environment error; confidence < 1) do not veto: they vote.
 2. ``propagate_errors``: every step below a -1 step is -1 (PRM800K phase 2, AgentProcessBench).
 3. ``human_override``: human labels (the review loop, imported human annotations) replace
    everything. Several annotators vote; a split is flagged in the reason.
@@ -165,7 +167,10 @@ def tool_opinion(evidence: list[dict], config: ConsensusConfig) -> Opinion | Non
     failed = [e for e in checked if e["verdict"] == -1]
     if failed:
         detail = "; ".join(e.get("rationale") or "a check failed" for e in failed)
-        return Opinion(-1, 1.0, None, f"tool: {detail}", ("tool",))
+        # A failed check is certain unless its checker says otherwise (an agent's repeated call, an
+        # environment error: weaker evidence of a wrong step than a false calculation).
+        confidence = max(e["confidence"] if e.get("confidence") is not None else 1.0 for e in failed)
+        return Opinion(-1, confidence, None, f"tool: {detail}", ("tool",))
     claims = sum(e["n"] for e in checked)
     return Opinion(1, config.tool_pass_confidence, None, f"tool: {claims} checks held", ("tool",))
 
@@ -251,7 +256,8 @@ def run(
     for nid in sorted(by_node):
         evidence = by_node[nid]
         opinion = policy_opinion(evidence, config)
-        if config.tool_veto and (tool := tool_opinion(evidence, config)) is not None and tool.label == -1:
+        tool = tool_opinion(evidence, config) if config.tool_veto else None
+        if tool is not None and tool.label == -1 and tool.confidence >= 1.0:  # only a decisive check vetoes
             found = tool.reason[len("tool: "):]
             if isinstance(opinion, Opinion) and opinion.label == -1:  # agreed: the check makes it certain
                 opinion = Opinion(-1, 1.0, opinion.value, f"{opinion.reason}; tool agrees: {found}",

@@ -27,6 +27,7 @@ dataset's ``skipped``; it never stops the export.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,6 +44,9 @@ from stepforge.schemas.formats import (
     unpair_preference,
     validate_math_shepherd,
 )
+from stepforge.schemas.records import Augmentation, Pair, StepDecision
+from stepforge.stages import agent_export
+from stepforge.stages.agent import agent_meta
 from stepforge.stages.progress import progress_rewards, solve_rate
 from stepforge.stages.split import SplitConfig, join_prefix
 from stepforge.stages.tree import path_to
@@ -50,7 +54,10 @@ from stepforge.stages.tree import path_to
 STAGE = "export"
 VERSION = 1
 
-ExportName = Literal["prm_stepwise", "math_shepherd", "dpo", "kto", "step_kto", "full_step_dpo"]
+ExportName = Literal[
+    "prm_stepwise", "math_shepherd", "dpo", "kto", "step_kto", "full_step_dpo", "agent_sft", "agent_dpo",
+    "agent_step_rejects",
+]
 NeutralPolicy = Literal["negative", "positive", "drop"]
 TrajectoryOrigin = Literal["policy", "mc", "mcts"]
 
@@ -61,6 +68,9 @@ DATASET_FORMATS: dict[str, str] = {
     "kto": "unpaired_preference",
     "step_kto": "unpaired_preference",
     "full_step_dpo": "preference",
+    "agent_sft": "conversational_sft",
+    "agent_dpo": "conversational_preference",
+    "agent_step_rejects": "step_decisions",
 }
 """Which ``stepforge.schemas.formats`` format each exported dataset is in."""
 
@@ -71,6 +81,9 @@ DATASET_CONSUMERS: dict[str, str] = {
     "kto": "TRL KTOTrainer (unpaired preference)",
     "step_kto": "TRL KTOTrainer (unpaired preference, one row per step: Step-KTO)",
     "full_step_dpo": "Full-Step-DPO trainers (per-step rewards); TRL DPOTrainer reads the preference columns",
+    "agent_sft": "TRL SFTTrainer (conversational messages; put loss only on turns flagged in train_mask)",
+    "agent_dpo": "TRL DPOTrainer (conversational preference, explicit prompt)",
+    "agent_step_rejects": "inspection: the agent steps the filter dropped, with the reason",
 }
 
 # Explicit features, so every column keeps its type even when a dataset is empty or a
@@ -158,6 +171,9 @@ FEATURES: dict[str, Features] = {
     "kto": KTO_FEATURES,
     "step_kto": STEP_KTO_FEATURES,
     "full_step_dpo": FULL_STEP_DPO_FEATURES,
+    "agent_sft": agent_export.AGENT_SFT_FEATURES,
+    "agent_dpo": agent_export.AGENT_DPO_FEATURES,
+    "agent_step_rejects": agent_export.AGENT_REJECT_FEATURES,
 }
 
 
@@ -197,6 +213,11 @@ class ExportConfig(BaseModel):
         "drop -> the rollout is skipped (reason neutral_step; in step_kto only the neutral step is). Consumers "
         "disagree, so it is explicit.",
     )
+    use_reasoning: bool = Field(
+        default=True,
+        description="agent_sft: a kept turn whose reasoning was written (augment) carries it as its content; the "
+        "agent's own text stays in original_contents.",
+    )
     parquet: bool = Field(default=True, description="Write each dataset as out_dir/<name>.parquet.")
     save_to_disk: bool = Field(
         default=True, description="Write each dataset with Dataset.save_to_disk to out_dir/<name>."
@@ -216,14 +237,29 @@ def run(
     nodes: pa.Table,
     labels: pa.Table,
     pairs: pa.Table,
+    step_filter: pa.Table | None = None,
+    augmentations: pa.Table | None = None,
+    agent_pairs: pa.Table | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Write each requested dataset and yield its summary, then write the dataset card.
 
     A summary is ``{"dataset", "format", "rows", "path", "parquet_path", "skipped"}``; ``path``
     is the ``save_to_disk`` directory and ``parquet_path`` the Parquet file (None if not written).
+    Formats that do not apply to the run's problems are left out: the agent datasets when no
+    problem is an agent task, the math datasets when every problem is one. ``provenance``
+    (``flows.figures.run_figures`` plus the run's config) fills the card's "How it was made".
     """
     config.out_dir.mkdir(parents=True, exist_ok=True)
-    wanted = list(dict.fromkeys(config.formats))  # de-duplicated, in the order asked
+    is_agent = [agent_meta(meta) is not None for meta in problems.column("meta").to_pylist()]
+    has_agent, has_math = any(is_agent), not all(is_agent) or not is_agent
+    wanted = [  # de-duplicated, in the order asked, and only what applies to these problems
+        name for name in dict.fromkeys(config.formats)
+        if (has_agent if name in agent_export.AGENT_EXPORTS else has_math)
+    ]
+    step_filter = step_filter if step_filter is not None else StepDecision.ARROW_SCHEMA.empty_table()
+    augmentations = augmentations if augmentations is not None else Augmentation.ARROW_SCHEMA.empty_table()
+    agent_pairs = agent_pairs if agent_pairs is not None else Pair.ARROW_SCHEMA.empty_table()
     prm_rows: list[dict[str, Any]] = []
     prm_skipped: Counter[str] = Counter()
     if {"prm_stepwise", "math_shepherd"} & set(wanted):
@@ -253,8 +289,16 @@ def run(
                 problems, rollouts, nodes, labels, config.neutral_as, config.trajectory_origins, config.split
             )
             rows = step_kto_rows
-        else:
+        elif name == "full_step_dpo":
             rows, skipped = build_full_step_dpo_rows(pairs, nodes, labels)
+        elif name == "agent_sft":
+            rows, skipped = agent_export.build_agent_sft_rows(
+                problems, rollouts, nodes, step_filter, augmentations, config.use_reasoning
+            )
+        elif name == "agent_dpo":
+            rows, skipped = agent_export.build_agent_dpo_rows(agent_pairs)
+        else:
+            rows, skipped = agent_export.build_agent_reject_rows(step_filter, nodes)
 
         summary = _write(name, rows, config)
         summary["skipped"] = dict(sorted(skipped.items()))
@@ -264,7 +308,9 @@ def run(
     label_policies = sorted(
         {policy for row in [*prm_rows, *step_kto_rows] for policy in row["label_policy"].split(",")}
     )
-    (config.out_dir / "README.md").write_text(dataset_card(summaries, config, label_policies), encoding="utf-8")
+    (config.out_dir / "README.md").write_text(
+        dataset_card(summaries, config, label_policies, provenance), encoding="utf-8"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -576,7 +622,9 @@ def _write(name: str, rows: list[dict[str, Any]], config: ExportConfig) -> dict[
     }
 
 
-def dataset_card(summaries: list[dict[str, Any]], config: ExportConfig, label_policies: list[str]) -> str:
+def dataset_card(
+    summaries: list[dict[str, Any]], config: ExportConfig, label_policies: list[str], provenance: dict[str, Any] | None = None
+) -> str:
     """A README.md for out_dir: what each dataset is, how many rows, and how labels were made."""
     neutral = {
         "negative": "mapped to `False` (treated as a wrong step)",
@@ -646,6 +694,8 @@ def dataset_card(summaries: list[dict[str, Any]], config: ExportConfig, label_po
         "- `full_step_dpo` (Full-Step-DPO): the `trajectory` pairs, with `chosen_steps`/`rejected_steps` and "
         "`chosen_step_rewards`/`rejected_step_rewards`, each step's soft value, first step first.",
         "",
+        *(_agent_card_lines() if {"agent_sft", "agent_dpo", "agent_step_rejects"} & set(exported) else []),
+        *(_provenance_lines(provenance) if provenance else []),
         "## Formats",
         "",
         "- `stepwise_supervision`: `prompt: str`, `completions: list[str]`, `labels: list[bool]`.",
@@ -654,6 +704,73 @@ def dataset_card(summaries: list[dict[str, Any]], config: ExportConfig, label_po
         "- `preference`: `prompt`, `chosen`, `rejected` (explicit prompt, standard text).",
         "- `unpaired_preference`: `prompt`, `completion`, `label: bool`; in `kto` each pair gives one "
         "`True` and one `False` row, in `step_kto` each step gives one row.",
+        "- `conversational_sft`: `messages` (role, content, tool_calls, tool_call_id, name) and `train_mask: "
+        "list[bool]`, one flag per message, true only on the assistant turns to train on.",
+        "- `conversational_preference`: `prompt` (messages), `chosen` / `rejected` (one assistant message each).",
         "",
     ]
     return "\n".join(lines)
+
+
+def _agent_card_lines() -> list[str]:
+    return [
+        "## Agent datasets",
+        "",
+        "- `agent_sft`: step-filtered agent trajectories (WebSTAR). Every step was graded (tool checks, a 1-10 "
+        "rubric judge, imported human labels, combined by the consensus policy) and only the steps that passed the "
+        "filter are trained on: `train_mask` flags them (STeP-style partial masking); the other turns stay as "
+        "context. Trajectories end at their last kept step. A kept turn with written reasoning carries it in "
+        "`<think>` tags; the agent's own text is in `original_contents`. `step_labels` / `step_scores` hold each "
+        "turn's label and rubric score.",
+        "- `agent_dpo`: at a step labelled -1, the wrong action (`rejected`) vs an action sampled from the same "
+        "context that the rubric judge scored well (`chosen`).",
+        "- `agent_step_rejects`: every step the filter dropped, with `filter_reason`.",
+        "",
+    ]
+
+
+def _provenance_lines(provenance: dict[str, Any]) -> list[str]:
+    """'How it was made': config, models, label policy, counts per label and reject reason, cost."""
+    figures = provenance.get("figures") or {}
+    config = provenance.get("config") or {}
+    backend = config.get("backend") or {}
+    verify = config.get("verify") or {}
+    judge = verify.get("judge_backend") or backend
+    counts = figures.get("counts") or {}
+    cost = figures.get("cost") or {}
+    labels = figures.get("labels") or {}
+    lines = [
+        "## How it was made",
+        "",
+        f"- Run `{figures.get('run', config.get('run'))}`; source `{(config.get('ingest') or {}).get('source')}` "
+        f"(format `{(config.get('ingest') or {}).get('format')}`).",
+        f"- Policy model: `{backend.get('model')}` ({backend.get('kind')}); judge: `{judge.get('model')}` "
+        f"({judge.get('kind')}), used by verifiers {', '.join(f'`{v}`' for v in verify.get('sources') or []) or 'none'}.",
+        f"- Labeller: `{config.get('labeller')}`; consensus policy: "
+        f"{', '.join(f'`{p}`' for p in figures.get('label_policies') or []) or 'none'}.",
+        f"- Rows: {', '.join(f'{table} {n}' for table, n in counts.items())}.",
+        "",
+        "| label | steps |",
+        "|---|---|",
+        *[f"| {name} | {labels.get(key, 0)} |" for key, name in (("1", "+1"), ("0", "0"), ("-1", "-1"))],
+        "",
+    ]
+    rejects = figures.get("rejects") or []
+    if rejects:
+        lines += ["| stage | reject reason | rows |", "|---|---|---|"]
+        lines += [f"| {r['stage']} | `{r['reason']}` | {r['count']} |" for r in rejects]
+        lines.append("")
+    else:
+        lines += ["No rows were rejected.", ""]
+    if cost:
+        lines += [
+            f"- Cost: {cost.get('generated_tokens', 0)} generated tokens over {cost.get('generated', 0)} generations "
+            f"({cost.get('cache_hits', 0)} replayed from the cache), {cost.get('seconds', 0)} s of stage time"
+            + (f", ${cost['cost_usd']}" if cost.get("cost_usd") else "")
+            + (f"; {cost['tokens_per_labelled_step']} tokens and {cost['seconds_per_labelled_step']} s per labelled step"
+               if cost.get("tokens_per_labelled_step") is not None else "") + ".",
+            "",
+        ]
+    lines += ["<details><summary>Full configuration</summary>", "", "```json",
+              json.dumps(config, indent=2, sort_keys=True, default=str), "```", "", "</details>", ""]
+    return lines

@@ -55,8 +55,9 @@ from stepforge.schemas.ids import content_hash, node_id, normalize_step_text, pr
 from stepforge.schemas.records import Evaluation, EvaluationSource, Node, Problem, Record, Rollout
 from stepforge.stages.answers import extract_final_answer
 
-ImportFormat = Literal["processbench", "prm800k", "math_shepherd"]
-IMPORT_FORMATS: tuple[str, ...] = ("processbench", "prm800k", "math_shepherd")
+ImportFormat = Literal["processbench", "prm800k", "math_shepherd", "agent_messages", "agent_steps"]
+IMPORT_FORMATS: tuple[str, ...] = ("processbench", "prm800k", "math_shepherd", "agent_messages", "agent_steps")
+AGENT_FORMATS: tuple[str, ...] = ("agent_messages", "agent_steps")
 
 STEP_SEPARATOR = "\n\n"  # SplitConfig().separator(): how the imported steps are joined into a rollout's text
 MATH_SHEPHERD_TAG = "ки"
@@ -116,6 +117,9 @@ class ImportedRow:
     outcome: bool | None = None  # the dataset's own correctness flag for the path's final answer
     generator: str | None = None
     problem_meta: Mapping[str, Any] = field(default_factory=dict)
+    gold_required: bool = True  # agent tasks may have no gold answer (then no final-answer check)
+    rollout_text: str | None = None  # default: the steps joined with a blank line
+    rollout_final_answer: str | None = None  # default: final_answer(rollout text)
 
     @property
     def question_key(self) -> str:
@@ -356,7 +360,7 @@ ROW_IMPORTERS: dict[str, Callable[[Mapping[str, Any]], ImportedRow]] = {
 # -- imported rows to records ------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Gold:
-    answer: str
+    answer: str | None
     solution: str | None = None
 
 
@@ -440,6 +444,8 @@ class TreeImporter:
             return gold, "gold_source"
         if row.gold_answer is not None:
             return Gold(row.gold_answer, row.gold_solution), "dataset"
+        if not row.gold_required:
+            return Gold(None, row.gold_solution), "none"
         if self._self_golds is None:
             self._self_golds = self._self_golds_reader()
         own = self._self_golds.get(key)
@@ -481,12 +487,13 @@ class TreeImporter:
             if not evaluations:
                 raise RowError("nothing_to_import", "no step is on a path and no step is labelled")
             return nodes, None, evaluations
-        text = STEP_SEPARATOR.join(path_texts)
+        text = row.rollout_text if row.rollout_text is not None else STEP_SEPARATOR.join(path_texts)
+        answer = row.rollout_final_answer if row.rollout_text is not None else final_answer(text)
         outcome = row.outcome
         model = f"import:{self.format}" + (f":{row.generator}" if row.generator else "")
         rollout = Rollout(
             rollout_id=rollout_id, problem_id=pid, origin="policy", prefix_node_id=None,
-            sample_index=self._samples.get(pid, 0), node_ids=path, text=text, final_answer=final_answer(text),
+            sample_index=self._samples.get(pid, 0), node_ids=path, text=text, final_answer=answer,
             outcome=outcome, outcome_reason="unchecked" if outcome is None else ("correct" if outcome else "wrong"),
             finish_reason="stop", num_tokens=0, model=model, generation_key=row.generation_key,
         )

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from stepforge.schemas.ids import normalize_step_text, problem_id
 from stepforge.schemas.records import Evaluation, Node, Problem, Reject, Rollout
-from stepforge.stages import importers
+from stepforge.stages import agent_import, importers
 from stepforge.stages.answers import gsm8k_gold_answer, last_boxed
 from stepforge.stages.importers import RowError as _RowError
 
@@ -47,12 +47,20 @@ class IngestConfig(BaseModel):
     source: str = Field(description="Hugging Face hub dataset id, or a local .jsonl / .json / .parquet file.")
     split: str = Field(default="test", description="Hub split to read; local files have a single split.")
     subset: str | None = Field(default=None, description="Hub configuration name (e.g. 'main' for openai/gsm8k).")
-    format: Literal["auto", "gsm8k", "math", "processbench", "prm800k", "math_shepherd"] = Field(
+    format: Literal[
+        "auto", "gsm8k", "math", "processbench", "prm800k", "math_shepherd", "agent_messages", "agent_steps"
+    ] = Field(
         default="auto",
         description="Row layout. auto decides per row: 'math' if it has a 'problem' or solution field, "
         "else 'gsm8k'. processbench / prm800k / math_shepherd import a step-labelled dataset (ProcessBench, "
         "openai/prm800k, peiyi9979/Math-Shepherd): its solutions become nodes and rollouts, its step labels "
-        "evaluations.",
+        "evaluations. agent_messages (OpenAI chat logs with tool_calls, AgentProcessBench) / agent_steps (JSONL of "
+        "observation, thought, action, result) import agent trajectories: one step per assistant turn.",
+    )
+    invalid_calls: Literal["label", "reject"] = Field(
+        default="label",
+        description="Agent formats: a tool call with bad JSON arguments, an unknown tool or arguments that break its "
+        "schema keeps the trajectory and is labelled -1 by the tool checks (label), or rejects the row (reject).",
     )
     gold_source: str | None = Field(
         default=None,
@@ -109,7 +117,10 @@ def _imports(
     rows: Iterator[tuple[int, dict[str, Any] | Reject]], config: IngestConfig,
     golds: dict[str, importers.Gold | None],
 ) -> Iterator[IngestRecord]:
-    parse = importers.ROW_IMPORTERS[config.format]
+    parse = (
+        agent_import.row_parser(config.format, config.invalid_calls) if config.format in importers.AGENT_FORMATS
+        else importers.ROW_IMPORTERS[config.format]
+    )
     importer = importers.TreeImporter(
         config.format, config.source, golds,  # type: ignore[arg-type]  # an import format, checked by run
         self_golds=lambda: importers.self_golds(parse, (row for _, row in _open_source(config))),

@@ -10,6 +10,9 @@ from datasets import Dataset
 from stepforge.schemas.formats import (
     CONFLICTING_KEYS,
     FORMAT_KEYS,
+    is_conversational_preference,
+    is_conversational_sft,
+    is_step_decisions,
     VALIDATORS,
     FormatError,
     is_math_shepherd,
@@ -37,17 +40,31 @@ MATH_SHEPHERD = {
 PREFERENCE = {"prompt": "What is 2 + 2?", "chosen": " 4", "rejected": " 5"}
 UNPAIRED = {"prompt": "What is 2 + 2?", "completion": " 4", "label": True}
 
+_TASK = {"role": "user", "content": "Capital of Japan?"}
+_CALL = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "search", "arguments": "{}"}}]}
+_RESULT = {"role": "tool", "content": "Tokyo"}
+_ANSWER = {"role": "assistant", "content": "<answer>Tokyo</answer>"}
+CONVERSATIONAL_SFT = {"messages": [_TASK, _CALL, _RESULT, _ANSWER], "train_mask": [False, False, False, True]}
+CONVERSATIONAL_PREFERENCE = {"prompt": [_TASK], "chosen": [_CALL], "rejected": [_ANSWER]}
+STEP_DECISIONS = {"action": '{"role": "assistant"}', "filter_reason": "label_negative"}
+
 CANONICAL: dict[str, dict[str, Any]] = {
     "stepwise_supervision": STEPWISE,
     "math_shepherd": MATH_SHEPHERD,
     "preference": PREFERENCE,
     "unpaired_preference": UNPAIRED,
+    "conversational_sft": CONVERSATIONAL_SFT,
+    "conversational_preference": CONVERSATIONAL_PREFERENCE,
+    "step_decisions": STEP_DECISIONS,
 }
 PREDICATES = {
     "stepwise_supervision": is_stepwise_supervision,
     "math_shepherd": is_math_shepherd,
     "preference": is_preference,
     "unpaired_preference": is_unpaired_preference,
+    "conversational_sft": is_conversational_sft,
+    "conversational_preference": is_conversational_preference,
+    "step_decisions": is_step_decisions,
 }
 
 
@@ -61,6 +78,11 @@ def _without(row: dict[str, Any], key: str) -> dict[str, Any]:
 
 # (format, row, words the error message must contain)
 INVALID = [
+    ("conversational_sft", _with(CONVERSATIONAL_SFT, train_mask=[True, False, False, True]), ["non-assistant messages [0]"]),
+    ("conversational_sft", _with(CONVERSATIONAL_SFT, train_mask=[False] * 4), ["trains on no turn"]),
+    ("conversational_sft", _with(CONVERSATIONAL_SFT, train_mask=[True]), ["'train_mask' has 1 flags but 'messages' has 4"]),
+    ("conversational_preference", _with(CONVERSATIONAL_PREFERENCE, chosen=[_TASK]), ["chosen[0] is not a message"]),
+    ("conversational_preference", _with(CONVERSATIONAL_PREFERENCE, chosen=[_ANSWER]), ["identical"]),
     ("stepwise_supervision", _without(STEPWISE, "labels"), ["missing keys", "'labels'"]),
     ("stepwise_supervision", _with(STEPWISE, labels=[True]), ["'labels' has 1 items but 'completions' has 2"]),
     ("stepwise_supervision", _with(STEPWISE, labels=[1, 0]), ["'labels' items [0, 1] are not bool"]),

@@ -48,7 +48,7 @@ def test_synthesize_runs_the_configured_labeller(prefect_harness, problems_file,
     with Catalog(cfg.store) as catalog:
         catalog.refresh(run=cfg.run)
         q = lambda sql: catalog.query(sql).to_pylist()  # noqa: E731
-        assert {m.stage for m in catalog.store.manifests(run=cfg.run)} == {"ingest", "rollout", stage, "verify", "consensus", "pairs"}
+        assert {m.stage for m in catalog.store.manifests(run=cfg.run)} == {"ingest", "rollout", stage, "verify", "consensus", "pairs", "filter"}
         sources = {r["source"] for r in q("select distinct source from evaluations")} - {"tool"}  # verify's default
         assert sources == ({"mcts"} if labeller == "mcts" else {"mc"} | ({"outcome"} if labeller == "mc" else set()))
         nodes = {n["node_id"]: n["text"] for n in q("select node_id, text from nodes")}

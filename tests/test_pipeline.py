@@ -178,7 +178,7 @@ def test_another_run_name_on_the_same_store_gets_its_own_shards_from_the_cache(f
     result = synthesize(RunConfig.model_validate(other.model_dump()).model_dump(mode="json"))
     assert result["generation"]["generated"] == 0 and result["generation"]["cache_hits"] > 0, "replayed, not regenerated"
     stages = {m.stage for m in catalog.store.manifests(run="t-copy")}
-    assert stages == {"ingest", "rollout", "mc_label", "verify", "consensus", "pairs"}
+    assert stages == {"ingest", "rollout", "mc_label", "verify", "consensus", "pairs", "filter"}
     assert {e["dataset"]: e["rows"] for e in result["exports"]} == {e["dataset"]: e["rows"] for e in first["exports"]}
 
 
@@ -204,4 +204,4 @@ def test_prefect_serves_complete_shards_from_its_cache(finished_run):
     with get_client(sync_client=True) as client:
         states = [(run.name.split("-")[0], run.state.name) for run in client.read_task_runs(limit=200)]
     cached_stages = {name for name, state in states if state == "Cached"}
-    assert {"rollout", "mc_label", "verify", "consensus", "pairs"} <= cached_stages, states
+    assert {"rollout", "mc_label", "verify", "consensus", "pairs", "filter"} <= cached_stages, states
