@@ -247,10 +247,10 @@ def export(
         data["export"] = ExportConfig(**{**(data.get("export") or {}), "out_dir": str(out)}).model_dump()
     ctx = RunContext(RunConfig.model_validate(data))
     try:
-        chains, incomplete = completed_chains(ctx)
+        chains, incomplete, reject_shard = completed_chains(ctx)
         if incomplete:
             console.print(f"[yellow]{incomplete} problem shard(s) are not fully labelled yet and are left out[/]")
-        for summary in export_run(ctx, chains):
+        for summary in export_run(ctx, chains, reject_shard):
             console.print(f"{summary['dataset']}: {summary['rows']} rows → {summary['path']}")
         if push_to_hub:
             from stepforge.flows.hub import push_to_hub as publish
@@ -282,10 +282,10 @@ def report(
         raise typer.Exit(1)
     ctx = RunContext(RunConfig.model_validate(json.loads(run_file.read_text())["config"]))
     try:
-        chains, incomplete = completed_chains(ctx)
+        chains, incomplete, reject_shard = completed_chains(ctx)
         if incomplete:
             console.print(f"[yellow]{incomplete} problem shard(s) are not complete and are left out[/]")
-        path = write_report(store, run_name, out, shards=chain_shard_keys(ctx, chains))
+        path = write_report(store, run_name, out, shards=chain_shard_keys(chains, reject_shard))
     finally:
         ctx.close()
     console.print(f"report → {path}")

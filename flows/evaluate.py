@@ -102,7 +102,7 @@ def evaluate_flow(config: dict, methods: list[str], benchmark: str = "processben
         method_config(spec)  # fail on a typo before any generation
     summary = synthesize(config)
     ctx = _context(config)
-    chains, incomplete = shards.completed_chains(ctx)
+    chains, incomplete, _ = shards.completed_chains(ctx)
     if incomplete:
         raise RuntimeError(f"{incomplete} shard chain(s) did not complete; re-run to finish them")
     plain = [{slot: asdict(m) for slot, m in chain.items()} for chain in chains]

@@ -218,8 +218,13 @@ def _models(record: dict) -> dict:
     }
 
 
-def run_figures(store: str | Path, run: str, shards: Collection[str] | None = None) -> dict:
-    """The key figures of ``run`` in ``store``; ``shards`` limits them to those shard keys (None: all of the run's)."""
+def run_figures(
+    store: str | Path, run: str, shards: Collection[str] | None = None, traffic: dict | None = None
+) -> dict:
+    """The key figures of ``run`` in ``store``; ``shards`` limits them to those shard keys (None: all of the run's).
+
+    ``traffic`` (``flows.shards.shard_traffic``) prices the cost instead of the run record's, for a
+    caller (the export's card) that runs before the record is written."""
     with Catalog(store) as catalog:
         catalog.refresh(run=run, shards=shards)
         figures = _Figures(catalog, run, shards)
@@ -238,6 +243,9 @@ def run_figures(store: str | Path, run: str, shards: Collection[str] | None = No
         }
         seconds_by_stage = figures.shard_seconds()
     record = _run_record(store, run)
-    result["cost"] = _cost(record, seconds_by_stage, counts["labels"])
+    if traffic is not None:
+        result["cost"] = traffic_cost(traffic, seconds_by_stage, counts["labels"])
+    else:
+        result["cost"] = _cost(record, seconds_by_stage, counts["labels"])
     result["models"] = _models(record)
     return result

@@ -266,14 +266,16 @@ def chain_keys(ctx: RunContext, problem_shard: str) -> dict[str, str]:
     return keys
 
 
-def completed_chains(ctx: RunContext) -> tuple[list[dict[str, ShardManifest]], int]:
-    """The complete shard chains of the current config (ingest → pairs), and how many are incomplete.
+def completed_chains(ctx: RunContext) -> tuple[list[dict[str, ShardManifest]], int, ShardManifest]:
+    """The complete shard chains of the current config (ingest → pairs, filter), how many are
+    incomplete, and the ingest rejects shard (read from the same pass over the source).
 
     Shards an earlier config of the same run left behind are not part of any chain, so an
     export never mixes label policies or counts a problem twice.
     """
     chains, incomplete = [], 0
-    for problem_shard in ingest_shards(ctx)[0]:
+    problem_shards, reject_shard = ingest_shards(ctx)
+    for problem_shard in problem_shards:
         chain = {"ingest": problem_shard}
         for slot, key in chain_keys(ctx, problem_shard.shard).items():
             chain[slot] = ctx.store.manifest(ctx.run, label_stage(ctx) if slot == "label" else slot, key)
@@ -281,7 +283,7 @@ def completed_chains(ctx: RunContext) -> tuple[list[dict[str, ShardManifest]], i
             chains.append(chain)
         else:
             incomplete += 1
-    return chains, incomplete
+    return chains, incomplete, reject_shard
 
 
 # -- stages over one shard ---------------------------------------------------------------
@@ -435,8 +437,9 @@ def run_chain(ctx: RunContext, problem_shard: ShardManifest) -> dict[str, ShardM
 
 
 # -- export ------------------------------------------------------------------------------
-def export_run(ctx: RunContext, chains: list[dict[str, ShardManifest]]) -> list[dict]:
-    """The datasets of the given shard chains (export only reads: re-runnable at will)."""
+def export_run(ctx: RunContext, chains: list[dict[str, ShardManifest]], reject_shard: ShardManifest) -> list[dict]:
+    """The datasets of the given shard chains (export only reads: re-runnable at will); the card
+    counts the ingest rejects of ``reject_shard`` too."""
     store = ctx.store
 
     def read(table: str, *stages: str):
@@ -453,31 +456,24 @@ def export_run(ctx: RunContext, chains: list[dict[str, ShardManifest]]) -> list[
             step_filter=read("step_filter", "filter"),
             augmentations=read("augmentations", "filter"),
             agent_pairs=read("pairs", "filter"),
-            provenance=run_provenance(ctx, chains),
+            provenance=run_provenance(ctx, chains, reject_shard),
         )
     )
 
 
-def chain_shard_keys(ctx: RunContext, chains: list[dict[str, ShardManifest]]) -> set[str]:
+def chain_shard_keys(chains: list[dict[str, ShardManifest]], reject_shard: ShardManifest) -> set[str]:
     """The shard keys the run's current config reads: its chains and the ingest rejects."""
-    keys = {m.shard if isinstance(m, ShardManifest) else m["shard"] for chain in chains for m in chain.values()}
-    return keys | {ingest_shards(ctx)[1].shard}
+    return {m.shard for chain in chains for m in chain.values()} | {reject_shard.shard}
 
 
-def run_provenance(ctx: RunContext, chains: list[dict[str, ShardManifest]]) -> dict:
+def run_provenance(ctx: RunContext, chains: list[dict[str, ShardManifest]], reject_shard: ShardManifest) -> dict:
     """What the dataset card says about how the data was made: the run's key figures over exactly
     these chains (the DuckDB catalog restricted to their shards), the config, and the traffic."""
-    from stepforge.flows.figures import run_figures, traffic_cost
+    from stepforge.flows.figures import run_figures
 
-    figures = run_figures(ctx.store.root, ctx.run, chain_shard_keys(ctx, chains))
     # The run record's traffic is written after the export; the chains' manifests already hold it.
-    manifests = [{slot: asdict(m) for slot, m in chain.items()} for chain in chains]
-    seconds: Counter = Counter()
-    for chain in manifests:
-        for manifest in chain.values():
-            seconds[manifest["stage"]] += (manifest.get("stats") or {}).get("seconds", 0.0)
-    by_stage = {stage: round(value, 3) for stage, value in sorted(seconds.items())}
-    figures["cost"] = traffic_cost(shard_traffic(manifests), by_stage, figures["counts"]["labels"])
+    traffic = shard_traffic([{slot: asdict(m) for slot, m in chain.items()} for chain in chains])
+    figures = run_figures(ctx.store.root, ctx.run, chain_shard_keys(chains, reject_shard), traffic=traffic)
     return {"figures": figures, "config": ctx.config.model_dump(mode="json")}
 
 

@@ -98,9 +98,9 @@ def ingest_task(config: dict) -> tuple[list[dict], dict]:
 
 
 @task(name="export")
-def export_task(config: dict, chains: list[dict[str, dict]]) -> list[dict]:
+def export_task(config: dict, chains: list[dict[str, dict]], reject_shard: dict) -> list[dict]:
     loaded = [{stage: _manifest(m) for stage, m in chain.items()} for chain in chains]
-    return shards.export_run(_context(config), loaded)
+    return shards.export_run(_context(config), loaded, _manifest(reject_shard))
 
 
 def _cached(task_fn, ctx: shards.RunContext):
@@ -187,7 +187,7 @@ def synthesize(config: dict) -> dict:
             chains = _chains_on_ray.with_options(task_runner=ray_task_runner(ctx.config.ray))(config, problem_shards)
         else:
             chains = _chains(config, problem_shards, submit=False)
-        exports = export_task(config, chains)
+        exports = export_task(config, chains, reject_shard)
     except BaseException:
         shards.record_run(ctx, "failed")
         raise

@@ -30,6 +30,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from stepforge.stages.importers import RowError
+
 AGENT_KIND = "agent"
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -39,13 +41,8 @@ _THINK = re.compile(r"<think>(.*?)(?:</think>|$)", re.IGNORECASE | re.DOTALL)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 
-class MessageError(ValueError):
-    """A message that is not a usable chat message; ``reason`` is the reject's snake_case reason."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
+class MessageError(RowError):
+    """A message that is not a usable chat message: an importer's row error (reason, detail)."""
 
 
 @dataclass(frozen=True)

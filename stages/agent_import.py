@@ -61,12 +61,7 @@ CALL_CHECKS = ("arguments_json", "known_tool", "arguments_schema")
 
 def agent_messages_row(row: Mapping[str, Any], invalid_calls: InvalidCalls = "label") -> ImportedRow:
     raw = _required(row, "messages", list)
-    messages = []
-    for index, message in enumerate(raw):
-        try:
-            messages.append(agent.normalize_message(message, f"messages[{index}]"))
-        except agent.MessageError as error:
-            raise RowError(error.reason, error.detail) from error
+    messages = [agent.normalize_message(message, f"messages[{index}]") for index, message in enumerate(raw)]
     tools = _optional(row, "tools", list) or []
     labels = _step_labels(row, messages)
     return _trajectory(
@@ -112,10 +107,7 @@ def agent_steps_row(row: Mapping[str, Any], invalid_calls: InvalidCalls = "label
             name = action.get("name", action.get("tool"))
             arguments = action.get("arguments", action.get("args", action.get("input", {})))
             call = {"id": f"call_{i}", "type": "function", "function": {"name": name, "arguments": arguments}}
-            try:
-                assistant = agent.normalize_message({"role": "assistant", "content": thought, "tool_calls": [call]}, where)
-            except agent.MessageError as error:
-                raise RowError(error.reason, error.detail) from error
+            assistant = agent.normalize_message({"role": "assistant", "content": thought, "tool_calls": [call]}, where)
             messages.append(assistant)
             if result_text is not None:
                 messages.append({"role": "tool", "tool_call_id": f"call_{i}", "name": str(name), "content": result_text})

@@ -195,9 +195,9 @@ def run_chains(config: dict):
     from stepforge.flows.shards import RunContext, export_run, ingest_shards, record_run, run_chain, shard_traffic
 
     ctx = RunContext(RunConfig.model_validate(config))
-    shards, _ = ingest_shards(ctx)
+    shards, rejects = ingest_shards(ctx)
     chains = [run_chain(ctx, shard) for shard in shards]
-    exports = export_run(ctx, chains)
+    exports = export_run(ctx, chains, rejects)
     from dataclasses import asdict
 
     record_run(ctx, "completed", exports, shard_traffic([{k: asdict(v) for k, v in c.items()} for c in chains]))
@@ -207,14 +207,14 @@ def run_chains(config: dict):
 def test_filtered_sft_trains_only_on_kept_turns(tmp_path):
     from datasets import load_from_disk
 
-    from stepforge.flows.shards import chain_shard_keys
+    from stepforge.flows.shards import chain_shard_keys, ingest_shards
     from stepforge.storage.catalog import Catalog
 
     ctx, chains, exports = run_chains(agent_config(tmp_path))
     assert set(exports) == {"agent_sft", "agent_dpo", "agent_step_rejects"}  # math formats do not apply
     sft = load_from_disk(exports["agent_sft"]["path"])
     with Catalog(ctx.store.root) as catalog:
-        catalog.refresh(run="agents", shards=chain_shard_keys(ctx, chains))
+        catalog.refresh(run="agents", shards=chain_shard_keys(chains, ingest_shards(ctx)[1]))
         decisions = catalog.query("select rollout_id, step_index, kept, reason from step_filter").to_pylist()
     kept = {(d["rollout_id"], d["step_index"]) for d in decisions if d["kept"]}
     for row in sft:
@@ -237,13 +237,13 @@ def test_dataset_card_counts_equal_the_catalog_and_the_export_loads_back(tmp_pat
     from typer.testing import CliRunner
 
     from stepforge.flows.cli import app
-    from stepforge.flows.shards import chain_shard_keys
+    from stepforge.flows.shards import chain_shard_keys, ingest_shards
     from stepforge.storage.catalog import Catalog
 
     ctx, chains, exports = run_chains(agent_config(tmp_path))
     card = (Path(exports["agent_sft"]["path"]).parent / "README.md").read_text()
     with Catalog(ctx.store.root) as catalog:
-        catalog.refresh(run="agents", shards=chain_shard_keys(ctx, chains))
+        catalog.refresh(run="agents", shards=chain_shard_keys(chains, ingest_shards(ctx)[1]))
         labels = {r["label"]: r["n"] for r in catalog.query("select label, count(*) n from labels group by 1").to_pylist()}
         rejects = catalog.query("select stage, reason, count(*) n from rejects group by all").to_pylist()
         tables = {t: catalog.query(f"select count(*) n from {t}").to_pylist()[0]["n"] for t in ("problems", "nodes", "evaluations")}
