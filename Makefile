@@ -24,9 +24,11 @@ demo: $(VENV)/.installed-demo
 	$(BIN)/stepforge run
 
 # Chromium renders the HTML report in its screenshot test; without root or apt that test skips and says why.
+# Label Studio (the review server) needs a venv of its own: its pins conflict with Prefect's.
 test: $(VENV)/.installed-test
 	-bash .ci/install-chromium
-	$(BIN)/python -m pytest
+	STEPFORGE_LABEL_STUDIO_VENV=$(CURDIR)/.venv-label-studio $(BIN)/python -c "from stepforge.flows.review_server import ensure_label_studio; ensure_label_studio()"
+	STEPFORGE_LABEL_STUDIO_VENV=$(CURDIR)/.venv-label-studio $(BIN)/python -m pytest
 
 test-fast: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -m "not slow"

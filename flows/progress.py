@@ -64,3 +64,13 @@ def set_reporter(new: Reporter) -> Reporter:
     global _current
     previous, _current = _current, new
     return previous
+
+
+@contextmanager
+def use_reporter(new: Reporter) -> Iterator[Reporter]:
+    """``new`` is the reporter while the block runs."""
+    previous = set_reporter(new)
+    try:
+        yield new
+    finally:
+        set_reporter(previous)

@@ -8,12 +8,14 @@ the model and the stage version — never of worker counts or run order.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from stepforge.flows.config import RunConfig
 from stepforge.flows.progress import reporter
@@ -29,6 +31,7 @@ from stepforge.stages import (
     mc_label,
     mcts,
     pairs,
+    review,
     rollout,
     step_filter,
     verify,
@@ -50,6 +53,8 @@ STAGE_TABLES = {
     "pairs": ("pairs", "rejects"),
     # Agent trajectories: step decisions, written reasoning, and better actions with their grades and pairs.
     "filter": ("step_filter", "augmentations", "nodes", "evaluations", "pairs", "rejects"),
+    # Human review (flows/review.py), run-level: what was pushed, and the annotations pulled back.
+    "review": ("review_items", "evaluations", "rejects"),
 }
 
 
@@ -63,6 +68,7 @@ class RunContext:
     _client: GenerationClient | None = None
     _judge_client: GenerationClient | None = None
     _writer_client: GenerationClient | None = None
+    _review: tuple[tuple[str, ...], dict[str, list[dict]]] | None = None
 
     def __post_init__(self) -> None:
         self.store = ShardStore(self.config.store)
@@ -231,8 +237,13 @@ def verify_key(ctx: RunContext, label_shard: str) -> str:
     return content_hash("verify", verify.VERSION, label_shard, parts)
 
 
-def consensus_key(ctx: RunContext, verify_shard: str) -> str:
-    return content_hash("consensus", consensus.VERSION, verify_shard, ctx.config.consensus.model_dump())
+def consensus_key(ctx: RunContext, verify_shard: str, human: list[dict] = ()) -> str:
+    """Human review evidence enters only where there is some: a shard nobody reviewed keeps its key,
+    and a new annotation re-labels just the shard of its problem."""
+    parts: list = [verify_shard, ctx.config.consensus.model_dump()]
+    if human:
+        parts.append(sorted((row["evaluation_id"], row["verdict"], json.loads(row["meta"])["version"]) for row in human))
+    return content_hash("consensus", consensus.VERSION, *parts)
 
 
 def pairs_key(ctx: RunContext, label_shard: str) -> str:
@@ -260,7 +271,7 @@ def chain_keys(ctx: RunContext, problem_shard: str) -> dict[str, str]:
     keys = {"rollout": rollout_key(ctx, problem_shard)}
     keys["label"] = label_key(ctx, keys["rollout"])
     keys["verify"] = verify_key(ctx, keys["label"])
-    keys["consensus"] = consensus_key(ctx, keys["verify"])
+    keys["consensus"] = consensus_key(ctx, keys["verify"], shard_review(ctx, problem_shard))
     keys["pairs"] = pairs_key(ctx, keys["consensus"])
     keys["filter"] = filter_key(ctx, keys["consensus"])
     return keys
@@ -273,17 +284,70 @@ def completed_chains(ctx: RunContext) -> tuple[list[dict[str, ShardManifest]], i
     Shards an earlier config of the same run left behind are not part of any chain, so an
     export never mixes label policies or counts a problem twice.
     """
-    chains, incomplete = [], 0
+    chains, reject_shard = current_chains(ctx)
+    complete = [chain for chain in chains if all(chain.values())]
+    return complete, len(chains) - len(complete), reject_shard
+
+
+def current_chains(ctx: RunContext) -> tuple[list[dict[str, ShardManifest | None]], ShardManifest]:
+    """Every problem shard's chain under the current config, None in the slots not computed yet
+    (e.g. consensus after a review pull brought new human labels), and the ingest rejects shard."""
+    chains = []
     problem_shards, reject_shard = ingest_shards(ctx)
     for problem_shard in problem_shards:
-        chain = {"ingest": problem_shard}
+        chain: dict[str, ShardManifest | None] = {"ingest": problem_shard}
         for slot, key in chain_keys(ctx, problem_shard.shard).items():
             chain[slot] = ctx.store.manifest(ctx.run, label_stage(ctx) if slot == "label" else slot, key)
-        if all(chain.values()):
-            chains.append(chain)
-        else:
-            incomplete += 1
-    return chains, incomplete, reject_shard
+        chains.append(chain)
+    return chains, reject_shard
+
+
+# -- human review --------------------------------------------------------------------------
+def human_review(ctx: RunContext) -> dict[str, list[dict]]:
+    """problem_id → the run's human review evidence as it stands (each annotation's latest version),
+    re-read whenever a pull has written a review shard since the last call."""
+    manifests = ctx.store.manifests(ctx.run, review.STAGE)
+    version = tuple(m.shard for m in manifests)
+    if ctx._review is None or ctx._review[0] != version:
+        by_problem: dict[str, list[dict]] = {}
+        for row in review.latest(ctx.store.read_rows("evaluations", manifests)):
+            by_problem.setdefault(row["problem_id"], []).append(row)
+        ctx._review = (version, by_problem)
+    return ctx._review[1]
+
+
+def human_review_rows(ctx: RunContext) -> list[dict]:
+    return [row for rows in human_review(ctx).values() for row in rows]
+
+
+def shard_review(ctx: RunContext, problem_shard: str) -> list[dict]:
+    """The human review evidence on the problems of one problem shard."""
+    evidence = human_review(ctx)
+    if not evidence:
+        return []
+    manifest = ctx.store.manifest(ctx.run, "ingest", problem_shard)
+    if manifest is None:
+        return []
+    problem_ids = ctx.store.read("problems", [manifest]).column("problem_id").to_pylist()
+    return [row for pid in sorted(set(problem_ids)) for row in evidence.get(pid, [])]
+
+
+def review_items(ctx: RunContext) -> list[dict]:
+    """Every trajectory pushed to review (first push wins for an item recorded twice)."""
+    rows = ctx.store.read_rows("review_items", ctx.store.manifests(ctx.run, review.STAGE))
+    first: dict[str, dict] = {}
+    for row in sorted(rows, key=lambda r: r["pushed_at"]):
+        first.setdefault(row["item_id"], row)
+    return list(first.values())
+
+
+def load_run_config(store: Path, run: str) -> RunConfig:
+    """The config a run was last made with (its record under ``<store>/runs``), with ``store`` as given."""
+    path = Path(store) / "runs" / f"{run}.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no run {run!r} in {store} (no {path})")
+    data = json.loads(path.read_text())["config"]
+    return RunConfig.model_validate({**data, "store": str(store)})
 
 
 # -- stages over one shard ---------------------------------------------------------------
@@ -347,6 +411,7 @@ def consensus_shard(
     if (done := ctx.store.manifest(ctx.run, "consensus", key)) is not None:
         return done
     evaluations = ctx.store.read_rows("evaluations", [problem_shard, label_manifest, verify_manifest])
+    evaluations += shard_review(ctx, problem_shard.shard)
     nodes = (
         ctx.store.read_rows("nodes", [problem_shard, rollout_manifest, label_manifest])
         if ctx.config.consensus.propagate_errors else []
@@ -490,17 +555,25 @@ def shard_traffic(chains: list[dict[str, dict]]) -> dict[str, dict[str, float]]:
     return {client: {k: round(v, 6) for k, v in sorted(counts.items())} for client, counts in totals.items()}
 
 
-def record_run(ctx: RunContext, status: str, exports: list[dict] | None = None, traffic: dict | None = None) -> dict:
-    """The run's record: config, status, exported datasets, and this process's generation counts.
+def record_run(
+    ctx: RunContext, status: str, exports: list[dict] | None = None, traffic: dict | None = None,
+    chains: list[dict] | None = None,
+) -> dict:
+    """The run's record: config, status, exported datasets, this process's generation counts, and the
+    shard key of every chain slot (what a later backfill compares its labels with).
 
     ``stepforge export`` re-reads the config from it; the counts say what the last invocation
     paid for (generated) and replayed (cache_hits).
     """
+    def key(m) -> str:
+        return m.shard if isinstance(m, ShardManifest) else m["shard"]
+
     record = {
         "run": ctx.run, "created_at": time.time(), "status": status,
         "config": ctx.config.model_dump(mode="json"), "exports": exports or [],
         "generation": {**ctx._client.stats.as_dict(), **ctx._client.counters()} if ctx._client else {},
         "traffic": traffic or {},
+        "chains": {key(c["ingest"]): {slot: key(m) for slot, m in c.items() if slot != "ingest"} for c in chains or []},
     }
     write_json_atomic(ctx.store.root / "runs" / f"{ctx.run}.json", record)
     return record

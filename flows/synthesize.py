@@ -192,7 +192,7 @@ def synthesize(config: dict) -> dict:
         shards.record_run(ctx, "failed")
         raise
     traffic = shards.shard_traffic(chains)
-    record = shards.record_run(ctx, "completed", exports, traffic)
+    record = shards.record_run(ctx, "completed", exports, traffic, chains=chains)
     shard_keys = sorted({reject_shard["shard"]} | {m["shard"] for chain in chains for m in chain.values()})
     publish_artifacts(run_figures(ctx.store.root, ctx.run, set(shard_keys)), ctx.run)
     return {

@@ -336,9 +336,40 @@ class Augmentation(Record):
     )
 
 
+class ReviewItem(Record):
+    """A trajectory sent to human review: which Label Studio task shows it, and why it was sent."""
+
+    TABLE: ClassVar[str] = "review_items"
+    item_id: str = Field(description="Stable per run and rollout: a second push finds the task the first made.")
+    rollout_id: str
+    problem_id: str
+    node_ids: list[str] = Field(description="The steps shown, in order (result label_<i> is node_ids[i]).")
+    reasons: str = Field(description="'+'-joined policies that sent it: disagreement, low_confidence, sql, audit.")
+    project: str = Field(description="Label Studio project title.")
+    project_id: int
+    task_id: int
+    prediction_policy: str | None = Field(description="Consensus policy id of the labels shown as the prediction.")
+    pushed_at: float = Field(description="Unix time of the push.")
+
+    ARROW_SCHEMA: ClassVar[pa.Schema] = pa.schema(
+        [
+            ("item_id", pa.string()),
+            ("rollout_id", pa.string()),
+            ("problem_id", pa.string()),
+            ("node_ids", pa.list_(pa.string())),
+            ("reasons", pa.string()),
+            ("project", pa.string()),
+            ("project_id", pa.int64()),
+            ("task_id", pa.int64()),
+            ("prediction_policy", pa.string()),
+            ("pushed_at", pa.float64()),
+        ]
+    )
+
+
 RECORD_TYPES: dict[str, type[Record]] = {
     cls.TABLE: cls
-    for cls in (Problem, Node, Rollout, Evaluation, Label, Pair, Reject, EvalResult, StepDecision, Augmentation)
+    for cls in (Problem, Node, Rollout, Evaluation, Label, Pair, Reject, EvalResult, StepDecision, Augmentation, ReviewItem)
 }
 TABLES = tuple(RECORD_TYPES)
 
