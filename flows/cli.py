@@ -274,7 +274,7 @@ def report(
     """Write a static HTML report of a run: labels per source, values along solutions, agreement, rejects, cost."""
     from stepforge.flows.config import RunConfig
     from stepforge.flows.report import write_report
-    from stepforge.flows.shards import RunContext, chain_shard_keys, completed_chains
+    from stepforge.flows.shards import RunContext, completed_chains, figure_shard_keys
 
     run_file = Path(store) / "runs" / f"{run_name}.json"
     if not run_file.exists():
@@ -285,7 +285,7 @@ def report(
         chains, incomplete, reject_shard = completed_chains(ctx)
         if incomplete:
             console.print(f"[yellow]{incomplete} problem shard(s) are not complete and are left out[/]")
-        path = write_report(store, run_name, out, shards=chain_shard_keys(chains, reject_shard))
+        path = write_report(store, run_name, out, shards=figure_shard_keys(ctx, chains, reject_shard))
     finally:
         ctx.close()
     console.print(f"report → {path}")
@@ -431,28 +431,19 @@ def review_server(
     raise typer.Exit(code)
 
 
-def _run_context(store: Path, run_name: str):
-    """The RunContext of a stored run (its recorded config), or a clean exit naming what is missing."""
-    from stepforge.flows.shards import RunContext, load_run_config
-
-    try:
-        return RunContext(load_run_config(store, run_name))
-    except FileNotFoundError as exc:
-        console.print(f"[red]{exc}[/]")
-        raise typer.Exit(1) from exc
-
-
-def _review_call(fn, ctx, **kwargs):
+def _review_call(fn, store: Path, run_name: str, **kwargs):
+    """``fn(ctx)`` on the stored run; a missing run, an unreachable server or a missing token is a
+    clean exit with the message."""
     from stepforge.flows.review import ReviewError
     from stepforge.flows.secrets import SecretError
+    from stepforge.flows.shards import open_run
 
     try:
-        return fn(ctx, **kwargs)
-    except (ReviewError, SecretError) as exc:
+        with open_run(store, run_name) as ctx:
+            return fn(ctx, **kwargs)
+    except (ReviewError, SecretError, FileNotFoundError) as exc:
         console.print(str(exc), style="red", markup=False, highlight=False)
         raise typer.Exit(1) from exc
-    finally:
-        ctx.close()
 
 
 STORE_OPTION = typer.Option(Path("stepforge-data"), help="Store root.")
@@ -468,7 +459,7 @@ def review_push(
     """Send the trajectories the run's review policies select (review section of its config) to Label Studio."""
     from stepforge.flows.review import push
 
-    summary = _review_call(push, _run_context(store, run_name), limit=limit)
+    summary = _review_call(push, store, run_name, limit=limit)
     reasons = ", ".join(f"{k} {v}" for k, v in summary["by_reason"].items()) or "-"
     console.print(f"{summary['pushed']} trajectories pushed ({reasons}); {summary['already_in_project']} already in "
                   f"the project; {summary['left_for_next_push']} left for the next push → {summary['url']}")
@@ -485,7 +476,7 @@ def review_pull(
     from stepforge.flows.progress import RichReporter, use_reporter
     from stepforge.flows.review import pull
 
-    summary = _review_call(pull, _run_context(store, run_name))
+    summary = _review_call(pull, store, run_name)
     reasons = ", ".join(f"{k} {v}" for k, v in summary["reject_reasons"].items())
     console.print(f"{summary['new_step_labels']} new step labels from {summary['pages']} page(s) of annotated tasks"
                   + (f"; rejected annotations: {reasons}" if reasons else ""))
@@ -503,7 +494,7 @@ def review_status(run_name: str = RUN_ARGUMENT, store: Path = STORE_OPTION) -> N
     automatic labels fare against humans (on the random audit sample and on everything reviewed)."""
     from stepforge.flows.review import status
 
-    report = _review_call(status, _run_context(store, run_name))
+    report = _review_call(status, store, run_name)
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     table = Table("", "value", title=f"review of {run_name}")
     reasons = ", ".join(f"{k} {v}" for k, v in report["items_by_reason"].items())
@@ -537,12 +528,11 @@ def review_webhook(
     from stepforge.flows.backfill import backfill_run
     from stepforge.flows.review import pull, webhook_app
 
+    from stepforge.flows.shards import open_run
+
     def pull_once() -> dict:
-        ctx = _run_context(store, run_name)
-        try:
+        with open_run(store, run_name) as ctx:
             summary = pull(ctx)
-        finally:
-            ctx.close()
         if summary["new_step_labels"] or summary["rejected_annotations"]:
             summary["backfill"] = backfill_run(store, run_name, stages=("consensus", "pairs", "filter", "export"))
         console.print(f"pulled {summary['new_step_labels']} step labels")

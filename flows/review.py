@@ -368,20 +368,13 @@ def webhook_app(pull_once: Callable[[], dict], secret: str | None = None):
 
 
 # -- flows ---------------------------------------------------------------------------------
-def _context(run: str, store: str):
-    from stepforge.flows.shards import RunContext, load_run_config
-
-    return RunContext(load_run_config(Path(store), run))
-
-
 @flow(name="review-push", log_prints=True)
 def review_push(run: str, store: str = "stepforge-data") -> dict:
     """Send the trajectories the run's review policies select to its Label Studio project (idempotent)."""
-    ctx = _context(run, store)
-    try:
+    from stepforge.flows.shards import open_run
+
+    with open_run(store, run) as ctx:
         summary = push(ctx)
-    finally:
-        ctx.close()
     print(f"pushed {summary['pushed']} trajectories to {summary['url']} ({summary['already_in_project']} already there)")
     return summary
 
@@ -391,12 +384,10 @@ def review_pull(run: str, store: str = "stepforge-data", rerun: bool = True) -> 
     """Read every new or changed annotation of the run's Label Studio project into a review shard; with
     ``rerun``, re-run consensus, pairs, filter and export over the shards whose human labels changed."""
     from stepforge.flows.backfill import backfill_run
+    from stepforge.flows.shards import open_run
 
-    ctx = _context(run, store)
-    try:
+    with open_run(store, run) as ctx:
         summary = pull(ctx)
-    finally:
-        ctx.close()
     print(f"pulled {summary['new_step_labels']} step labels, {summary['rejected_annotations']} annotations rejected")
     if rerun and (summary["new_step_labels"] or summary["rejected_annotations"]):
         summary["backfill"] = backfill_run(Path(store), run, stages=("consensus", "pairs", "filter", "export"))

@@ -207,7 +207,7 @@ class LabelStudioServer:
     data_dir: Path
     log_file: Path
     executable: Path
-    process: subprocess.Popen
+    process: subprocess.Popen | None  # None until started
     allow_loopback_webhooks: bool
     startup_timeout: float
     startup_seconds: float = 0.0  # how long the last start took until ready (migrations make the first one slow)
@@ -222,7 +222,7 @@ class LabelStudioServer:
 
     @property
     def running(self) -> bool:
-        return self.process.poll() is None
+        return self.process is not None and self.process.poll() is None
 
     def stop(self, timeout: float = 30) -> None:
         """SIGTERM (Label Studio shuts down cleanly on it), then SIGKILL if it is still up after ``timeout``."""
@@ -245,6 +245,9 @@ class LabelStudioServer:
     def restart(self) -> LabelStudioServer:
         """Stop if running, start again on the same data dir and port, wait until ready; returns ``self``."""
         self.stop()
+        return self._start()
+
+    def _start(self) -> LabelStudioServer:
         started = time.monotonic()
         self.process, self._log_handle = _launch(
             self.executable, self.host, self.port, self.data_dir, self.log_file,
@@ -432,44 +435,19 @@ def start_label_studio(
     data_dir.chmod(0o700)  # its SQLite database holds API tokens in clear
     log_file = Path(log_file).expanduser().absolute() if log_file else data_dir / _SERVER_LOG
     port = port or free_port(host)
-    env = _child_env(data_dir, host, username, password, token, allow_loopback_webhooks)
-    started = time.monotonic()
-    process, log_handle = _launch(exe, host, port, data_dir, log_file, env)
     server = LabelStudioServer(
         url=_url(host, port), host=host, port=port, username=username, password=password, token=token,
-        data_dir=data_dir, log_file=log_file, executable=exe, process=process,
-        allow_loopback_webhooks=allow_loopback_webhooks, startup_timeout=startup_timeout, _log_handle=log_handle,
+        data_dir=data_dir, log_file=log_file, executable=exe, process=None,
+        allow_loopback_webhooks=allow_loopback_webhooks, startup_timeout=startup_timeout,
     )
-    try:
-        _wait_ready(server)
-    except BaseException:
-        server.stop()
-        raise
-    server.startup_seconds = time.monotonic() - started
-    return server
+    return server._start()
 
 
 @contextlib.contextmanager
-def label_studio_server(
-    data_dir: Path,
-    *,
-    username: str,
-    password: str,
-    token: str | None = None,
-    port: int | None = None,
-    host: str = "127.0.0.1",
-    allow_loopback_webhooks: bool = False,
-    allow_remote: bool = False,
-    venv: Path | None = None,
-    startup_timeout: float = 180,
-    log_file: Path | None = None,
-) -> Iterator[LabelStudioServer]:
-    """:func:`start_label_studio` for the length of a ``with`` block; stopped however the block ends."""
-    server = start_label_studio(
-        data_dir, username=username, password=password, token=token, port=port, host=host,
-        allow_loopback_webhooks=allow_loopback_webhooks, allow_remote=allow_remote, venv=venv,
-        startup_timeout=startup_timeout, log_file=log_file,
-    )
+def label_studio_server(data_dir: Path, **options) -> Iterator[LabelStudioServer]:
+    """:func:`start_label_studio` (same keyword arguments) for the length of a ``with`` block; stopped
+    however the block ends."""
+    server = start_label_studio(data_dir, **options)
     try:
         yield server
     finally:

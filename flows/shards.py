@@ -8,12 +8,13 @@ the model and the stage version — never of worker counts or run order.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -56,6 +57,16 @@ STAGE_TABLES = {
     # Human review (flows/review.py), run-level: what was pushed, and the annotations pulled back.
     "review": ("review_items", "evaluations", "rejects"),
 }
+
+
+@contextlib.contextmanager
+def open_run(store: str | Path, run: str) -> Iterator["RunContext"]:
+    """The RunContext of a stored run (its recorded config), closed when the block ends."""
+    ctx = RunContext(load_run_config(Path(store), run))
+    try:
+        yield ctx
+    finally:
+        ctx.close()
 
 
 @dataclass
@@ -531,6 +542,16 @@ def chain_shard_keys(chains: list[dict[str, ShardManifest]], reject_shard: Shard
     return {m.shard for chain in chains for m in chain.values()} | {reject_shard.shard}
 
 
+def figure_shard_keys(ctx: RunContext, chains: list[dict], reject_shard: ShardManifest | dict) -> set[str]:
+    """What a card, report or artifact counts: the current chains, the ingest rejects, and the run's
+    review shards (pushed items, every pulled annotation version, rejected annotations)."""
+    def key(m) -> str:
+        return m.shard if isinstance(m, ShardManifest) else m["shard"]
+
+    return ({key(m) for chain in chains for m in chain.values()} | {key(reject_shard)}
+            | {m.shard for m in ctx.store.manifests(ctx.run, review.STAGE)})
+
+
 def run_provenance(ctx: RunContext, chains: list[dict[str, ShardManifest]], reject_shard: ShardManifest) -> dict:
     """What the dataset card says about how the data was made: the run's key figures over exactly
     these chains (the DuckDB catalog restricted to their shards), the config, and the traffic."""
@@ -538,7 +559,7 @@ def run_provenance(ctx: RunContext, chains: list[dict[str, ShardManifest]], reje
 
     # The run record's traffic is written after the export; the chains' manifests already hold it.
     traffic = shard_traffic([{slot: asdict(m) for slot, m in chain.items()} for chain in chains])
-    figures = run_figures(ctx.store.root, ctx.run, chain_shard_keys(chains, reject_shard), traffic=traffic)
+    figures = run_figures(ctx.store.root, ctx.run, figure_shard_keys(ctx, chains, reject_shard), traffic=traffic)
     return {"figures": figures, "config": ctx.config.model_dump(mode="json")}
 
 

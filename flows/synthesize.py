@@ -193,7 +193,7 @@ def synthesize(config: dict) -> dict:
         raise
     traffic = shards.shard_traffic(chains)
     record = shards.record_run(ctx, "completed", exports, traffic, chains=chains)
-    shard_keys = sorted({reject_shard["shard"]} | {m["shard"] for chain in chains for m in chain.values()})
+    shard_keys = sorted(shards.figure_shard_keys(ctx, chains, reject_shard))
     publish_artifacts(run_figures(ctx.store.root, ctx.run, set(shard_keys)), ctx.run)
     return {
         "run": ctx.run, "store": str(ctx.store.root), "exports": exports, "generation": record["generation"],

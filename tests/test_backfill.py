@@ -8,28 +8,18 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from stored_runs import processbench_config, store_run
 from stepforge.flows import shards
 from stepforge.flows.backfill import BackfillError, backfill_run, merge
 from stepforge.flows.cli import app
 from stepforge.flows.config import RunConfig
 
-FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def make_run(store: Path, run: str = "bf") -> RunConfig:
-    """ProcessBench trajectories with their human labels kept out (human_override off): tool checks decide."""
-    cfg = RunConfig.model_validate({
-        "run": run, "store": str(store), "labeller": "none", "shard_size": 4,
-        "ingest": {"source": str(FIXTURES / "processbench_gsm8k_dev40.json"), "format": "processbench",
-                   "gold_source": str(FIXTURES / "gsm8k_processbench40.jsonl"), "limit": 8},
-        "rollout": {"samples_per_problem": 0}, "verify": {"sources": ["tool"]},
-        "consensus": {"policy": "tool", "human_override": False},
-        "export": {"out_dir": str(store / "export"), "formats": ["prm_stepwise"]},
-    })
-    ctx = shards.RunContext(cfg)
-    problem_shards, reject_shard = shards.ingest_shards(ctx)
-    chains = [shards.run_chain(ctx, m) for m in problem_shards]
-    shards.record_run(ctx, "completed", shards.export_run(ctx, chains, reject_shard), {}, chains=chains)
+    """Eight ProcessBench trajectories in two shards, labelled by the tool checks."""
+    cfg = processbench_config(store, run, limit=8)
+    store_run(cfg).close()
     return cfg
 
 

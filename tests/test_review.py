@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from label_studio import create_annotator, label_studio_fixture  # noqa: F401
+from stored_runs import store_run
 from stepforge.flows import shards
 from stepforge.flows.backfill import backfill_run
 from stepforge.flows.config import RunConfig
@@ -41,12 +42,7 @@ def make_run(store: Path, server, project: str, run: str = "rev", **review) -> s
         "export": {"out_dir": str(store / "export"), "formats": ["prm_stepwise"]},
         "review": {"url": server.url, "project": project, "token_env": TOKEN_ENV, **review},
     })
-    ctx = shards.RunContext(cfg)
-    problem_shards, reject_shard = shards.ingest_shards(ctx)
-    chains = [shards.run_chain(ctx, m) for m in problem_shards]
-    exports = shards.export_run(ctx, chains, reject_shard)
-    shards.record_run(ctx, "completed", exports, {}, chains=chains)
-    return ctx
+    return store_run(cfg)
 
 
 @pytest.fixture
@@ -204,6 +200,9 @@ def test_cancelled_and_malformed_annotations_become_rejects_and_the_pull_goes_on
     assert [r["reason"] for r in rejects] == ["annotation_cancelled", "unknown_choice"]
     assert "maybe" in rejects[1]["payload"] and f"task {b['id']}" in rejects[1]["detail"]
     assert pull(ctx)["rejected_annotations"] == 0, "a rejected version is not rejected again"
+    backfill_run(tmp_path, ctx.run)
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "annotation_cancelled" in card and "unknown_choice" in card, "the dataset card counts review rejects too"
 
 
 def test_label_studio_killed_mid_pull_loses_nothing_and_a_rerun_completes(label_studio, token, annotators, tmp_path):

@@ -25,9 +25,9 @@ from stepforge.flows import shards
 from stepforge.flows.config import RunConfig
 from stepforge.flows.review import pull, push
 from stepforge.stages.review import ReviewConfig
+from stored_runs import processbench_config, store_run
 from test_report import find_chromium
 
-FIXTURES = Path(__file__).parent / "fixtures"
 RUN = "review-ui"
 UI_TIMEOUT_MS = 120_000  # the editor is a large React app; two shared cores make its first paint slow
 CORRECTION = "Only 12 pink flamingos stay pink on Saturday: 6 of the 18 were taken and painted white."
@@ -36,22 +36,8 @@ CORRECTION = "Only 12 pink flamingos stay pink on Saturday: 6 of the 18 were tak
 def make_run(store: Path, server, project: str) -> RunConfig:
     """A completed run without a model (ProcessBench steps, tool verification), set up to send one
     trajectory to ``server`` by the audit policy."""
-    cfg = RunConfig.model_validate({
-        "run": RUN, "store": str(store), "labeller": "none", "shard_size": 4,
-        "ingest": {"source": str(FIXTURES / "processbench_gsm8k_dev40.json"), "format": "processbench",
-                   "gold_source": str(FIXTURES / "gsm8k_processbench40.jsonl"), "limit": 2},
-        "rollout": {"samples_per_problem": 0}, "verify": {"sources": ["tool"]},
-        "consensus": {"policy": "tool", "human_override": False},
-        "export": {"out_dir": str(store / "export"), "formats": ["prm_stepwise"]},
-    })
-    ctx = shards.RunContext(cfg)
-    try:
-        problem_shards, rejects = shards.ingest_shards(ctx)
-        chains = [shards.run_chain(ctx, p) for p in problem_shards]
-        exports = shards.export_run(ctx, chains, rejects)
-        shards.record_run(ctx, "completed", exports, {}, chains=chains)
-    finally:
-        ctx.close()
+    cfg = processbench_config(store, RUN, limit=2)
+    store_run(cfg).close()
     # The sql policy (not the audit, whose tasks are blind): the annotator starts from the prediction.
     review = ReviewConfig(url=server.url, project=project, policies=("sql",), sql="select rollout_id from rollouts",
                           max_items=1)
