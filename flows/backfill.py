@@ -143,12 +143,13 @@ def backfill_run(
         flips = Counter(f"{old_labels[n]:+d}→{new_labels[n]:+d}" for n in set(old_labels) & set(new_labels)
                         if old_labels[n] != new_labels[n])
         exports = []
-        old_exports = {e["dataset"]: e["rows"] for e in (json.loads((store / "runs" / f"{run}.json").read_text())
-                                                           .get("exports") or [])}
+        recorded_exports = json.loads((store / "runs" / f"{run}.json").read_text()).get("exports") or []
+        old_exports = {e["dataset"]: e["rows"] for e in recorded_exports}
         if "export" in stages:
             exports = shards.export_run(ctx, chains, reject_shard)
         traffic = shards.shard_traffic([{slot: asdict(m) for slot, m in chain.items()} for chain in chains])
-        shards.record_run(ctx, "completed", exports or None, traffic, chains=chains)
+        # Without an export the datasets on disk are the recorded ones: the record keeps naming them.
+        shards.record_run(ctx, "completed", exports if "export" in stages else recorded_exports, traffic, chains=chains)
         return {
             "run": run, "stages": list(stages), "shards_selected": len(selected), "shards_incomplete": incomplete,
             "written": {slot: written[slot] for slot in CHAIN_STAGES if written[slot]},

@@ -279,7 +279,9 @@ def status(ctx) -> dict:
 
     auto_cfg = ctx.config.consensus.model_copy(update={"human_override": False})
     evaluations = ctx.store.read_rows("evaluations", [c[s] for c in chains for s in ("ingest", "label", "verify")])
-    automatic = {lab.node_id: lab.label for lab in consensus.run(evaluations, auto_cfg) if isinstance(lab, Label)}
+    nodes = (ctx.store.read_rows("nodes", [c[s] for c in chains for s in ("ingest", "rollout", "label")])
+             if auto_cfg.propagate_errors else [])
+    automatic = {lab.node_id: lab.label for lab in consensus.run(evaluations, auto_cfg, nodes) if isinstance(lab, Label)}
     audit_nodes = {nid for item in items if "audit" in item["reasons"].split("+") for nid in item["node_ids"]}
     compared = {"audit": Counter(), "all": Counter()}
     by_node: dict[str, list[int]] = {}

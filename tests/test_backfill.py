@@ -55,6 +55,10 @@ def test_backfill_relabels_reexports_and_says_what_changed(tmp_path):
     again = CliRunner().invoke(app, ["backfill", "bf", "--store", str(tmp_path), "--set", "consensus.human_override=true"])
     assert again.exit_code == 0 and "re-ran: nothing" in again.output and "changed 0, added 0, removed 0" in again.output
     assert markers(tmp_path) == seen, "idempotent: nothing written"
+    no_export = backfill_run(tmp_path, "bf", stages=["consensus", "pairs", "filter"])
+    assert no_export["exports"] == []
+    kept = json.loads((tmp_path / "runs" / "bf.json").read_text())["exports"]
+    assert kept == exported["exports"], "without an export stage the record still names the datasets on disk"
 
 
 def test_a_stage_the_settings_change_but_not_chosen_is_an_error_before_any_work(tmp_path):
