@@ -52,6 +52,14 @@ def connect(cfg: ReviewConfig):
     return LabelStudio(base_url=cfg.url.rstrip("/"), api_key=token, timeout=cfg.timeout_seconds, max_retries=0)
 
 
+def _server_errors() -> tuple[type[BaseException], ...]:
+    """What a failing or vanished server raises through the SDK; anything else is a bug and propagates."""
+    import httpx
+    from label_studio_sdk.core.api_error import ApiError
+
+    return ApiError, httpx.HTTPError, OSError
+
+
 def _unreachable(cfg: ReviewConfig, exc: Exception, done: str) -> ReviewError:
     status = getattr(exc, "status_code", None)
     if status in (401, 403):
@@ -152,7 +160,7 @@ def push(ctx, *, limit: int | None = None) -> dict:
         project_id = ensure_project(client, title)
         in_project = {t["data"].get("item_id"): t["id"] for page in _tasks(client, project_id, cfg.page_size,
                                                                           only_annotated=False) for t in page}
-    except Exception as exc:
+    except _server_errors() as exc:
         raise _unreachable(cfg, exc, "nothing was pushed") from exc
     fresh = [c for c in candidates if review.item_id(run, c.rollout_id) not in in_project]
     budget = limit if limit is not None else cfg.max_items
@@ -169,7 +177,7 @@ def push(ctx, *, limit: int | None = None) -> dict:
             client.projects.import_tasks(id=project_id, request=tasks)
             in_project = {t["data"].get("item_id"): t["id"] for page in _tasks(client, project_id, cfg.page_size,
                                                                               only_annotated=False) for t in page}
-    except Exception as exc:
+    except _server_errors() as exc:
         raise _unreachable(cfg, exc, "the next push finds and records whatever was imported") from exc
     now = time.time()
     by_rollout = {c.rollout_id: c for c in candidates}
@@ -257,7 +265,7 @@ def pull(ctx, *, on_page: Callable[[int, int], None] | None = None) -> dict:
                 on_page(pages, len(versions))
     except ReviewError:
         raise
-    except Exception as exc:
+    except _server_errors() as exc:
         raise _unreachable(
             cfg, exc, f"{pages} page(s) finished before it and are stored ({new_evidence} step labels)"
         ) from exc
