@@ -11,7 +11,6 @@ record holds the new config, so exports, reports and the next scheduled run foll
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict
@@ -99,11 +98,6 @@ def _labels(ctx: shards.RunContext, manifests: Iterable[ShardManifest | None]) -
     return {row["node_id"]: int(row["label"]) for row in ctx.store.read_rows("labels", found)}
 
 
-def _recorded_chains(store: Path, run: str) -> dict[str, dict[str, str]]:
-    path = Path(store) / "runs" / f"{run}.json"
-    return json.loads(path.read_text()).get("chains") or {} if path.exists() else {}
-
-
 def backfill_run(
     store: Path,
     run: str,
@@ -117,6 +111,7 @@ def backfill_run(
     if unknown := [s for s in stages if s not in STAGES]:
         raise BackfillError(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
     store = Path(store)
+    record = shards.load_run_record(store, run)  # read before the backfill rewrites it
     base = shards.load_run_config(store, run)
     config = RunConfig.model_validate(merge(base.model_dump(mode="json"), overrides or {})) if overrides else base
     ctx = shards.RunContext(config)
@@ -125,7 +120,7 @@ def backfill_run(
         selected = _selected(ctx, problem_shards, shard_keys, sql)
         todo = plan(ctx, selected, stages)
         # What the labels were: the chains the run last recorded, else the keys of its recorded config.
-        recorded = _recorded_chains(store, run)
+        recorded = record.get("chains") or {}
         base_ctx = shards.RunContext(base)
         old_keys = [recorded.get(m.shard, {}).get("consensus") or shards.chain_keys(base_ctx, m.shard)["consensus"]
                     for m in selected]
@@ -143,7 +138,7 @@ def backfill_run(
         flips = Counter(f"{old_labels[n]:+d}→{new_labels[n]:+d}" for n in set(old_labels) & set(new_labels)
                         if old_labels[n] != new_labels[n])
         exports = []
-        recorded_exports = json.loads((store / "runs" / f"{run}.json").read_text()).get("exports") or []
+        recorded_exports = record.get("exports") or []
         old_exports = {e["dataset"]: e["rows"] for e in recorded_exports}
         if "export" in stages:
             exports = shards.export_run(ctx, chains, reject_shard)

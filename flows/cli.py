@@ -235,14 +235,14 @@ def export(
 ) -> None:
     """Re-export a run's stored labels and pairs as datasets, without generating anything."""
     from stepforge.flows.config import RunConfig
-    from stepforge.flows.shards import RunContext, completed_chains, export_run
+    from stepforge.flows.shards import RunContext, completed_chains, export_run, load_run_record
     from stepforge.stages.export import ExportConfig
 
-    run_file = Path(store) / "runs" / f"{run_name}.json"
-    if not run_file.exists():
-        console.print(f"[red]no run {run_name!r} in {store}[/]")
-        raise typer.Exit(1)
-    data = json.loads(run_file.read_text())["config"]
+    try:
+        data = load_run_record(store, run_name)["config"]
+    except FileNotFoundError as exc:
+        console.print(str(exc), style="red", markup=False, highlight=False)
+        raise typer.Exit(1) from exc
     if out is not None:
         data["export"] = ExportConfig(**{**(data.get("export") or {}), "out_dir": str(out)}).model_dump()
     ctx = RunContext(RunConfig.model_validate(data))
@@ -274,13 +274,13 @@ def report(
     """Write a static HTML report of a run: labels per source, values along solutions, agreement, rejects, cost."""
     from stepforge.flows.config import RunConfig
     from stepforge.flows.report import write_report
-    from stepforge.flows.shards import RunContext, completed_chains, figure_shard_keys
+    from stepforge.flows.shards import RunContext, completed_chains, figure_shard_keys, load_run_record
 
-    run_file = Path(store) / "runs" / f"{run_name}.json"
-    if not run_file.exists():
-        console.print(f"[red]no run {run_name!r} in {store}[/]")
-        raise typer.Exit(1)
-    ctx = RunContext(RunConfig.model_validate(json.loads(run_file.read_text())["config"]))
+    try:
+        ctx = RunContext(RunConfig.model_validate(load_run_record(store, run_name)["config"]))
+    except FileNotFoundError as exc:
+        console.print(str(exc), style="red", markup=False, highlight=False)
+        raise typer.Exit(1) from exc
     try:
         chains, incomplete, reject_shard = completed_chains(ctx)
         if incomplete:

@@ -111,13 +111,15 @@ def evidence_chains(ctx):
     consensus shards that label them (current, else the one the run last recorded: after a pull the
     current one is only made by the next backfill), the ingest rejects shard, and how many shards
     have no evidence yet."""
-    from stepforge.flows.shards import current_chains
+    from stepforge.flows.shards import current_chains, load_run_record
 
     chains, reject_shard = current_chains(ctx)
     ready = [{slot: chain[slot] for slot in EVIDENCE_SLOTS} for chain in chains
              if all(chain[slot] is not None for slot in EVIDENCE_SLOTS)]
-    record = ctx.store.root / "runs" / f"{ctx.run}.json"
-    recorded = json.loads(record.read_text()).get("chains") or {} if record.exists() else {}
+    try:
+        recorded = load_run_record(ctx.store.root, ctx.run).get("chains") or {}
+    except FileNotFoundError:  # a run being made for the first time has no record yet
+        recorded = {}
     labels_from = []
     for chain in chains:
         if chain["consensus"] is not None:

@@ -352,13 +352,21 @@ def review_items(ctx: RunContext) -> list[dict]:
     return list(first.values())
 
 
-def load_run_config(store: Path, run: str) -> RunConfig:
-    """The config a run was last made with (its record under ``<store>/runs``), with ``store`` as given."""
-    path = Path(store) / "runs" / f"{run}.json"
+def run_record_path(store: str | Path, run: str) -> Path:
+    return Path(store) / "runs" / f"{run}.json"
+
+
+def load_run_record(store: str | Path, run: str) -> dict:
+    """A run's record (``record_run``); FileNotFoundError naming the run when there is none."""
+    path = run_record_path(store, run)
     if not path.exists():
         raise FileNotFoundError(f"no run {run!r} in {store} (no {path})")
-    data = json.loads(path.read_text())["config"]
-    return RunConfig.model_validate({**data, "store": str(store)})
+    return json.loads(path.read_text())
+
+
+def load_run_config(store: str | Path, run: str) -> RunConfig:
+    """The config a run was last made with (its record under ``<store>/runs``), with ``store`` as given."""
+    return RunConfig.model_validate({**load_run_record(store, run)["config"], "store": str(store)})
 
 
 # -- stages over one shard ---------------------------------------------------------------
@@ -537,19 +545,20 @@ def export_run(ctx: RunContext, chains: list[dict[str, ShardManifest]], reject_s
     )
 
 
-def chain_shard_keys(chains: list[dict[str, ShardManifest]], reject_shard: ShardManifest) -> set[str]:
+def _shard_key(manifest: ShardManifest | dict) -> str:
+    """A shard's key from its manifest, or from the dict form Prefect tasks pass around."""
+    return manifest.shard if isinstance(manifest, ShardManifest) else manifest["shard"]
+
+
+def chain_shard_keys(chains: list[dict], reject_shard: ShardManifest | dict) -> set[str]:
     """The shard keys the run's current config reads: its chains and the ingest rejects."""
-    return {m.shard for chain in chains for m in chain.values()} | {reject_shard.shard}
+    return {_shard_key(m) for chain in chains for m in chain.values()} | {_shard_key(reject_shard)}
 
 
 def figure_shard_keys(ctx: RunContext, chains: list[dict], reject_shard: ShardManifest | dict) -> set[str]:
     """What a card, report or artifact counts: the current chains, the ingest rejects, and the run's
     review shards (pushed items, every pulled annotation version, rejected annotations)."""
-    def key(m) -> str:
-        return m.shard if isinstance(m, ShardManifest) else m["shard"]
-
-    return ({key(m) for chain in chains for m in chain.values()} | {key(reject_shard)}
-            | {m.shard for m in ctx.store.manifests(ctx.run, review.STAGE)})
+    return chain_shard_keys(chains, reject_shard) | {m.shard for m in ctx.store.manifests(ctx.run, review.STAGE)}
 
 
 def run_provenance(ctx: RunContext, chains: list[dict[str, ShardManifest]], reject_shard: ShardManifest) -> dict:
@@ -586,15 +595,14 @@ def record_run(
     ``stepforge export`` re-reads the config from it; the counts say what the last invocation
     paid for (generated) and replayed (cache_hits).
     """
-    def key(m) -> str:
-        return m.shard if isinstance(m, ShardManifest) else m["shard"]
-
     record = {
         "run": ctx.run, "created_at": time.time(), "status": status,
         "config": ctx.config.model_dump(mode="json"), "exports": exports or [],
         "generation": {**ctx._client.stats.as_dict(), **ctx._client.counters()} if ctx._client else {},
         "traffic": traffic or {},
-        "chains": {key(c["ingest"]): {slot: key(m) for slot, m in c.items() if slot != "ingest"} for c in chains or []},
+        "chains": {
+            _shard_key(c["ingest"]): {slot: _shard_key(m) for slot, m in c.items() if slot != "ingest"} for c in chains or []
+        },
     }
-    write_json_atomic(ctx.store.root / "runs" / f"{ctx.run}.json", record)
+    write_json_atomic(run_record_path(ctx.store.root, ctx.run), record)
     return record
