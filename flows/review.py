@@ -102,6 +102,12 @@ def _tasks(client, project_id: int, page_size: int, *, only_annotated: bool):
             raise
 
 
+def _items_in_project(client, project_id: int, page_size: int) -> dict[str, int]:
+    """item_id → task id of every task in the project (what a push must not import again)."""
+    return {t["data"].get("item_id"): t["id"] for page in _tasks(client, project_id, page_size, only_annotated=False)
+            for t in page}
+
+
 # -- push ----------------------------------------------------------------------------------
 EVIDENCE_SLOTS = ("ingest", "rollout", "label", "verify")
 
@@ -132,7 +138,7 @@ def evidence_chains(ctx):
 
 def push(ctx, *, limit: int | None = None) -> dict:
     """Send the trajectories the review policies select; return counts per reason and what was skipped."""
-    from stepforge.flows.shards import review_items
+    from stepforge.flows.shards import chain_shard_keys, review_items
     from stepforge.storage.catalog import Catalog
 
     cfg: ReviewConfig = ctx.config.review
@@ -147,7 +153,7 @@ def push(ctx, *, limit: int | None = None) -> dict:
     evaluations = read("evaluations", "ingest", "label", "verify")
     sql_ids: list[str] = []
     if "sql" in cfg.policies and cfg.sql:
-        shown = {m.shard for chain in chains for m in chain.values()} | {m.shard for m in labels_from} | {reject_shard.shard}
+        shown = chain_shard_keys(chains, reject_shard) | {m.shard for m in labels_from}
         with Catalog(store.root) as catalog:
             catalog.refresh(run=run, shards=shown)
             result = catalog.query(cfg.sql)
@@ -160,8 +166,7 @@ def push(ctx, *, limit: int | None = None) -> dict:
     client = connect(cfg)
     try:
         project_id = ensure_project(client, title)
-        in_project = {t["data"].get("item_id"): t["id"] for page in _tasks(client, project_id, cfg.page_size,
-                                                                          only_annotated=False) for t in page}
+        in_project = _items_in_project(client, project_id, cfg.page_size)
     except _server_errors() as exc:
         raise _unreachable(cfg, exc, "nothing was pushed") from exc
     fresh = [c for c in candidates if review.item_id(run, c.rollout_id) not in in_project]
@@ -177,8 +182,7 @@ def push(ctx, *, limit: int | None = None) -> dict:
     try:
         if tasks:
             client.projects.import_tasks(id=project_id, request=tasks)
-            in_project = {t["data"].get("item_id"): t["id"] for page in _tasks(client, project_id, cfg.page_size,
-                                                                              only_annotated=False) for t in page}
+            in_project = _items_in_project(client, project_id, cfg.page_size)
     except _server_errors() as exc:
         raise _unreachable(cfg, exc, "the next push finds and records whatever was imported") from exc
     now = time.time()
@@ -218,7 +222,7 @@ def _stored_versions(ctx) -> set[str]:
 def _annotators(client) -> dict[int, str]:
     try:
         return {int(u.id): (u.email or u.username or str(u.id)) for u in client.users.list()}
-    except Exception:  # listing users may need rights an annotator token lacks: ids are still kept
+    except _server_errors():  # listing users may need rights an annotator token lacks: ids are still kept
         return {}
 
 
@@ -265,8 +269,6 @@ def pull(ctx, *, on_page: Callable[[int, int], None] | None = None) -> dict:
                 new_rejects += len(rejects)
             if on_page is not None:
                 on_page(pages, len(versions))
-    except ReviewError:
-        raise
     except _server_errors() as exc:
         raise _unreachable(
             cfg, exc, f"{pages} page(s) finished before it and are stored ({new_evidence} step labels)"
@@ -294,13 +296,13 @@ def status(ctx) -> dict:
     automatic = {lab.node_id: lab.label for lab in consensus.run(evaluations, auto_cfg, nodes) if isinstance(lab, Label)}
     audit_nodes = {nid for item in items if "audit" in item["reasons"].split("+") for nid in item["node_ids"]}
     compared = {"audit": Counter(), "all": Counter()}
-    by_node: dict[str, list[int]] = {}
+    by_node: dict[str, list[dict]] = {}
     for row in human:
-        by_node.setdefault(row["node_id"], []).append(int(row["verdict"]))
-    for nid, verdicts in by_node.items():
-        majority = min(set(verdicts), key=lambda v: (-verdicts.count(v), v))
+        by_node.setdefault(row["node_id"], []).append(row)
+    for nid, rows in by_node.items():
         if nid not in automatic:
             continue
+        majority = consensus.human_opinion(rows).label  # what the human override makes of them
         for scope in ("all", "audit") if nid in audit_nodes else ("all",):
             compared[scope]["steps"] += 1
             compared[scope]["agree"] += automatic[nid] == majority
