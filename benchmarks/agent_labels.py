@@ -8,9 +8,9 @@ project. Its trajectories are imported with ``ingest.format: agent_messages`` (t
 labels become ``human`` evaluations, which are the reference here and are kept out of every
 method), then:
 
-- ``tool``: the tool-grounded checks (``stages.agent_checks``; answers by ``cover`` match, since
+- ``tool``: the tool-grounded checks (``stages.verify.agent_checks``; answers by ``cover`` match, since
   the agents answer in sentences) as labels (a -1 where a check failed, +1 where all held);
-- ``judge``: the 1-10 rubric grader (``stages.agent_judge``) on the CPU model, greedy,
+- ``judge``: the 1-10 rubric grader (``stages.verify.agent_judge``) on the CPU model, greedy,
   JSON-constrained; score >= 7 -> +1, <= 3 -> -1, else 0;
 - consensus policies over both, without the human labels: ``vote`` (+ tool veto), and the same
   with errors propagated down the trajectory.
@@ -59,9 +59,11 @@ def main() -> None:
         sys.exit(f"{args.data} not found: the AgentProcessBench sample lives in ../shared/data (not in the project)")
 
     from stepforge.schemas.records import Evaluation, Node, Problem, Reject, Rollout
-    from stepforge.stages import agent_checks, agent_judge, consensus
-    from stepforge.stages.answers import AnswerChecker
-    from stepforge.stages.ingest import IngestConfig, run as ingest
+    from stepforge.stages.verify import agent_checks
+    from stepforge.stages.verify import agent_judge
+    from stepforge.stages.consensus import policy as consensus
+    from stepforge.stages.rollout.answers import AnswerChecker
+    from stepforge.stages.ingest.sources import IngestConfig, run as ingest
     from stepforge.stages.llm import BackendConfig, GenerationCache, GenerationClient, load_backend
 
     records = list(ingest(IngestConfig(source=str(args.data), format="agent_messages")))

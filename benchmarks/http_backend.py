@@ -29,10 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from stepforge.flows import shards
+from stepforge.flows import runtime
 from stepforge.flows.config import RunConfig
 from stepforge.stages.llm import unload_backends
-from stepforge.stages.llm.local_server import llamacpp_server
+from stepforge.stages.instruments.local_server import llamacpp_server
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "gsm8k_sample.jsonl"
@@ -61,13 +61,13 @@ def run_stepforge(server, root: Path, args: argparse.Namespace, *, labeller: str
         "binary_search": {"completions_per_prefix": args.k, "sampling": sampling, "adaptive": {"enabled": True}},
         "verify": {"sources": []},
     })
-    ctx = shards.RunContext(config)
+    ctx = runtime.RunContext(config)
     backend = ctx.client().backend
     cpu, wall = cpu_seconds(), time.perf_counter()
-    chains = [shards.run_chain(ctx, shard) for shard in shards.ingest_shards(ctx)[0]]
+    chains = [runtime.run_chain(ctx, shard) for shard in runtime.ingest_shards(ctx)[0]]
     wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
-    labelled = sum(chain["consensus"].rows("labels") for chain in chains)
-    label_stage = chains[0]["label"].stats.get("generation", {})
+    labelled = sum(chain["labels"].rows("labels") for chain in chains)
+    label_stage = chains[0]["step_values"].stats.get("generation", {})
     counters = backend.counters()
     result = {
         "labeller": labeller, "max_in_flight": max_in_flight, "seconds": round(wall, 1), "labelled_steps": labelled,

@@ -2,7 +2,7 @@
 
 Two worlds:
 
-- ``synthetic``: the synthetic world (stages/llm/synthetic.py), a measuring instrument whose
+- ``synthetic``: the synthetic world (stages/instruments/synthetic.py), a measuring instrument whose
   policy's mistakes are known, over a grid of error rates and solution lengths with fixed
   seeds. Ground truth: a step is right iff no step up to it has erred (the PRM800K /
   ProcessBench convention); the first error is known exactly.
@@ -30,13 +30,17 @@ from pathlib import Path
 
 from stepforge.schemas.ids import node_id, problem_id
 from stepforge.schemas.records import Evaluation, Problem
-from stepforge.stages import binary_search, consensus, mc_label, mcts, rollout
-from stepforge.stages.answers import AnswerChecker
+from stepforge.stages.label import binary_search
+from stepforge.stages.consensus import policy as consensus
+from stepforge.stages.label import mc_label
+from stepforge.stages.label import mcts
+from stepforge.stages.rollout import sampling as rollout
+from stepforge.stages.rollout.answers import AnswerChecker
 from stepforge.stages.llm import GenerationCache, GenerationClient
-from stepforge.stages.llm.synthetic import SyntheticBackend, WorldConfig, first_error, make_problems
-from stepforge.stages.prompting import PromptConfig, SamplingConfig
-from stepforge.stages.search import AdaptiveConfig
-from stepforge.stages.split import SplitConfig
+from stepforge.stages.instruments.synthetic import SyntheticBackend, WorldConfig, first_error, make_problems
+from stepforge.stages.rollout.prompting import PromptConfig, SamplingConfig
+from stepforge.stages.label.search import AdaptiveConfig
+from stepforge.stages.rollout.split import SplitConfig
 
 
 @dataclass

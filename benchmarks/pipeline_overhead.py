@@ -22,14 +22,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from stepforge.flows import shards
+from stepforge.flows import runtime
 from stepforge.flows.config import RunConfig
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "gsm8k_sample.jsonl"
 
 
-def make_context(root: Path, problems: int, args: argparse.Namespace) -> shards.RunContext:
-    return shards.RunContext(RunConfig.model_validate({
+def make_context(root: Path, problems: int, args: argparse.Namespace) -> runtime.RunContext:
+    return runtime.RunContext(RunConfig.model_validate({
         "run": f"bench-{problems}", "store": str(root), "shard_size": problems,
         "backend": {"model": "smollm2-135m", "n_ctx": 2048, "max_in_flight": args.max_in_flight},
         "ingest": {"source": str(FIXTURE), "format": "gsm8k", "limit": problems},
@@ -39,9 +39,9 @@ def make_context(root: Path, problems: int, args: argparse.Namespace) -> shards.
     }))
 
 
-def run_stages(ctx: shards.RunContext) -> int:
+def run_stages(ctx: runtime.RunContext) -> int:
     """All per-shard stages over every problem shard; returns the number of labels written."""
-    return sum(shards.run_chain(ctx, shard)["consensus"].rows("labels") for shard in shards.ingest_shards(ctx)[0])
+    return sum(runtime.run_chain(ctx, shard)["labels"].rows("labels") for shard in runtime.ingest_shards(ctx)[0])
 
 
 def clear_shards(root: Path) -> None:
@@ -49,7 +49,7 @@ def clear_shards(root: Path) -> None:
         shutil.rmtree(root / folder, ignore_errors=True)
 
 
-def replay_cpu(ctx: shards.RunContext, root: Path, times: int) -> tuple[float, int]:
+def replay_cpu(ctx: runtime.RunContext, root: Path, times: int) -> tuple[float, int]:
     """Best CPU seconds of ``times`` replays from the cache, and the labelled steps they make."""
     best, labelled = float("inf"), 0
     for _ in range(times):

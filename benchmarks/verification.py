@@ -67,8 +67,8 @@ def run_eval(store: Path, run: str, methods: list[str], source: Path, judge_styl
 
 
 def tool_precision(store: Path, run: str) -> dict:
-    from stepforge.stages.evaluate import reference_index
-    from stepforge.stages.importers import import_evaluation_id
+    from stepforge.stages.verify.evaluate import reference_index
+    from stepforge.stages.ingest.importers import import_evaluation_id
     from stepforge.storage.catalog import Catalog
 
     with Catalog(store) as catalog:

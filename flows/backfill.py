@@ -18,14 +18,14 @@ from pathlib import Path
 
 from prefect import flow
 
-from stepforge.flows import shards
-from stepforge.flows.config import RunConfig
+from stepforge.flows import runtime
+from stepforge.flows.config import RunConfig, RunConfigOverrides
 from stepforge.flows.progress import reporter
+from stepforge.flows.runtime.registry import RegistryError
 from stepforge.storage.shards import ShardManifest
 
-CHAIN_STAGES = ("rollout", "label", "verify", "consensus", "pairs", "filter")
-STAGES = (*CHAIN_STAGES, "export")
-DEFAULT_STAGES = ("consensus", "pairs", "filter", "export")
+EXPORT = "export"
+LABELS = "labels"  # the slot whose labels a backfill compares before and after
 
 
 class BackfillError(ValueError):
@@ -41,11 +41,7 @@ def merge(base: dict, overrides: dict) -> dict:
     return out
 
 
-def _stage_of(ctx: shards.RunContext, slot: str) -> str:
-    return shards.label_stage(ctx) if slot == "label" else slot
-
-
-def _selected(ctx: shards.RunContext, problem_shards: list[ShardManifest], keys: Sequence[str] | None,
+def _selected(ctx: runtime.RunContext, problem_shards: list[ShardManifest], keys: Sequence[str] | None,
               sql: str | None) -> list[ShardManifest]:
     chosen = problem_shards
     if keys:
@@ -77,23 +73,41 @@ def _selected(ctx: shards.RunContext, problem_shards: list[ShardManifest], keys:
     return chosen
 
 
-def plan(ctx: shards.RunContext, problem_shards: Iterable[ShardManifest], stages: Sequence[str]) -> dict[str, list[str]]:
+def default_stages(ctx: runtime.RunContext) -> tuple[str, ...]:
+    """What a backfill re-runs unless told otherwise: every slot that needs no model (labels and
+    everything derived from them: new human evidence, a new policy) and the export."""
+    chain = ctx.chain
+    derived = chain.downstream(s for s in chain.stage_slots if chain.stage(s).slot == "labels")
+    return (*(chain.stage(s).name for s in chain.stage_slots if s in derived), EXPORT)
+
+
+def slots_of(ctx: runtime.RunContext, stages: Sequence[str]) -> list[str]:
+    """The chain slots the named stages fill (a stage name, a slot name, or a pre-rename slot name)."""
+    try:
+        return [ctx.chain.slot_of(s) for s in stages if s != EXPORT]
+    except RegistryError as exc:
+        raise BackfillError(f"{exc}, {EXPORT}") from exc
+
+
+def plan(ctx: runtime.RunContext, problem_shards: Iterable[ShardManifest], stages: Sequence[str]) -> dict[str, list[str]]:
     """Per problem shard, the chain slots whose shard under the new config does not exist yet."""
+    chain, allowed = ctx.chain, set(slots_of(ctx, stages))
     todo = {}
     for m in problem_shards:
-        keys = shards.chain_keys(ctx, m.shard)
-        todo[m.shard] = [slot for slot in CHAIN_STAGES if ctx.store.manifest(ctx.run, _stage_of(ctx, slot), keys[slot]) is None]
-    needed = sorted({slot for slots in todo.values() for slot in slots} - set(stages), key=CHAIN_STAGES.index)
+        keys = runtime.chain_keys(ctx, m.shard)
+        todo[m.shard] = [s for s in chain.stage_slots if ctx.store.manifest(ctx.run, chain.stage(s).name, keys[s]) is None]
+    needed = [s for s in chain.stage_slots if s not in allowed and any(s in slots for slots in todo.values())]
     if needed:
+        names = [chain.stage(s).name for s in needed]
         raise BackfillError(
-            f"these settings change the {', '.join(needed)} shard(s) of "
+            f"these settings change the {', '.join(names)} shard(s) of "
             f"{sum(1 for slots in todo.values() if set(slots) & set(needed))} problem shard(s), but only "
-            f"{', '.join(stages)} may be re-run: add {', '.join(needed)} to the stages (it may need a model)"
+            f"{', '.join(stages)} may be re-run: add {', '.join(names)} to the stages (it may need a model)"
         )
     return todo
 
 
-def _labels(ctx: shards.RunContext, manifests: Iterable[ShardManifest | None]) -> dict[str, int]:
+def _labels(ctx: runtime.RunContext, manifests: Iterable[ShardManifest | None]) -> dict[str, int]:
     found = [m for m in manifests if m is not None]
     return {row["node_id"]: int(row["label"]) for row in ctx.store.read_rows("labels", found)}
 
@@ -107,48 +121,50 @@ def backfill_run(
     sql: str | None = None,
 ) -> dict:
     """Re-run ``stages`` of ``run`` over the selected problem shards; return what changed."""
-    stages = tuple(stages or DEFAULT_STAGES)
-    if unknown := [s for s in stages if s not in STAGES]:
-        raise BackfillError(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
     store = Path(store)
-    record = shards.load_run_record(store, run)  # read before the backfill rewrites it
-    base = shards.load_run_config(store, run)
+    record = runtime.load_run_record(store, run)  # read before the backfill rewrites it
+    base = runtime.load_run_config(store, run)
     config = RunConfig.model_validate(merge(base.model_dump(mode="json"), overrides or {})) if overrides else base
-    ctx = shards.RunContext(config)
+    ctx = runtime.RunContext(config)
     try:
-        problem_shards, reject_shard = shards.ingest_shards(ctx)
+        stages = tuple(stages or default_stages(ctx))
+        slots_of(ctx, stages)  # unknown names fail before any work
+        problem_shards, reject_shard = runtime.ingest_shards(ctx)
         selected = _selected(ctx, problem_shards, shard_keys, sql)
         todo = plan(ctx, selected, stages)
         # What the labels were: the chains the run last recorded, else the keys of its recorded config.
         recorded = record.get("chains") or {}
-        base_ctx = shards.RunContext(base)
-        old_keys = [recorded.get(m.shard, {}).get("consensus") or shards.chain_keys(base_ctx, m.shard)["consensus"]
+        base_ctx = runtime.RunContext(base)
+        labels_stage = ctx.chain.stage(LABELS).name
+        old_keys = [recorded.get(m.shard, {}).get(LABELS) or runtime.chain_keys(base_ctx, m.shard)[LABELS]
                     for m in selected]
         base_ctx.close()
-        old_labels = _labels(ctx, (ctx.store.manifest(run, "consensus", k) for k in old_keys))
+        old_labels = _labels(ctx, (ctx.store.manifest(run, labels_stage, k) for k in old_keys))
         written: Counter = Counter()
         with reporter().track(f"backfill {run}", len(selected)) as advance:
             for m in selected:
-                shards.run_chain(ctx, m)
+                runtime.run_chain(ctx, m)
                 written.update(todo[m.shard])
                 advance(1)
-        chains, incomplete, reject_shard = shards.completed_chains(ctx)
+        chains, incomplete, reject_shard = runtime.completed_chains(ctx)
         selected_keys = {m.shard for m in selected}
-        new_labels = _labels(ctx, (c["consensus"] for c in chains if c["ingest"].shard in selected_keys))
+        new_labels = _labels(ctx, (c[LABELS] for c in chains if c[runtime.ROOT].shard in selected_keys))
         flips = Counter(f"{old_labels[n]:+d}→{new_labels[n]:+d}" for n in set(old_labels) & set(new_labels)
                         if old_labels[n] != new_labels[n])
         exports = []
         recorded_exports = record.get("exports") or []
         old_exports = {e["dataset"]: e["rows"] for e in recorded_exports}
-        if "export" in stages:
-            exports = shards.export_run(ctx, chains, reject_shard)
-        traffic = shards.shard_traffic([{slot: asdict(m) for slot, m in chain.items()} for chain in chains])
+        if EXPORT in stages:
+            exports = runtime.export_run(ctx, chains, reject_shard)
+        traffic = runtime.shard_traffic([{slot: asdict(m) for slot, m in chain.items()} for chain in chains])
         # Without an export the datasets on disk are the recorded ones: the record keeps naming them.
-        shards.record_run(ctx, "completed", exports if "export" in stages else recorded_exports, traffic, chains=chains)
+        runtime.record_run(ctx, "completed", exports if EXPORT in stages else recorded_exports, traffic, chains=chains,
+                           reject_shard=reject_shard)
+        names = {slot: ctx.chain.stage(slot).name for slot in ctx.chain.stage_slots}
         return {
             "run": run, "stages": list(stages), "shards_selected": len(selected), "shards_incomplete": incomplete,
-            "written": {slot: written[slot] for slot in CHAIN_STAGES if written[slot]},
-            "reused": {slot: len(selected) - written[slot] for slot in CHAIN_STAGES},
+            "written": {names[slot]: written[slot] for slot in names if written[slot]},
+            "reused": {names[slot]: len(selected) - written[slot] for slot in names},
             "labels": {
                 "before": len(old_labels), "after": len(new_labels), "changed": sum(flips.values()),
                 "flips": dict(sorted(flips.items())), "added": len(set(new_labels) - set(old_labels)),
@@ -166,13 +182,17 @@ def backfill(
     run: str,
     store: str = "stepforge-data",
     stages: list[str] | None = None,
-    overrides: dict | None = None,
+    overrides: RunConfigOverrides | None = None,
     shards: list[str] | None = None,
     where: str | None = None,
 ) -> dict:
-    """Re-run ``stages`` (default consensus, pairs, filter, export) of ``run`` with ``overrides`` merged into its
-    recorded config, over all its shards, the given problem-shard keys, or the shards holding the problems a
-    SQL ``where`` query selects; return what changed."""
+    """Re-run ``stages`` (default: the labels and what derives from them, and export) of ``run`` with
+    ``overrides`` merged into its recorded config, over all its shards, the given problem-shard keys, or the
+    shards holding the problems a SQL ``where`` query selects; return what changed.
+
+    Typed: the Prefect API refuses overrides naming a key ``RunConfig`` does not have."""
+    if overrides is not None:
+        overrides = RunConfigOverrides.model_validate(overrides).model_dump(mode="json", exclude_unset=True)
     summary = backfill_run(Path(store), run, stages, overrides, shards, where)
     print(describe(summary))
     return summary

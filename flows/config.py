@@ -8,24 +8,25 @@ from pathlib import Path
 import yaml
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from stepforge.stages.agent_pairs import AgentPairsConfig
-from stepforge.stages.augment import AugmentConfig
-from stepforge.stages.binary_search import BinarySearchConfig
-from stepforge.stages.consensus import ConsensusConfig
-from stepforge.stages.export import ExportConfig
-from stepforge.stages.ingest import IngestConfig
+from stepforge.flows.errors import ConfigError, read_yaml_mapping, validation_message
+from stepforge.stages.agent.agent_pairs import AgentPairsConfig
+from stepforge.stages.agent.augment import AugmentConfig
+from stepforge.stages.label.binary_search import BinarySearchConfig
+from stepforge.stages.consensus.policy import ConsensusConfig
+from stepforge.stages.export.datasets import ExportConfig
+from stepforge.stages.ingest.sources import IngestConfig
 from stepforge.stages.llm import BackendConfig
-from stepforge.stages.mc_label import MCLabelConfig
-from stepforge.stages.mcts import MCTSConfig
-from stepforge.stages.pairs import PairsConfig
-from stepforge.stages.prompting import PromptConfig
-from stepforge.stages.review import ReviewConfig
-from stepforge.stages.rollout import RolloutConfig
-from stepforge.stages.split import SplitConfig
-from stepforge.stages.step_filter import FilterConfig
-from stepforge.stages.verify import VerifyConfig
+from stepforge.stages.label.mc_label import MCLabelConfig
+from stepforge.stages.label.mcts import MCTSConfig
+from stepforge.stages.pairs.step_pairs import PairsConfig
+from stepforge.stages.rollout.prompting import PromptConfig
+from stepforge.stages.review.annotations import ReviewConfig
+from stepforge.stages.rollout.sampling import RolloutConfig
+from stepforge.stages.rollout.split import SplitConfig
+from stepforge.stages.agent.step_filter import FilterConfig
+from stepforge.stages.verify.verifiers import VerifyConfig
 
 
 class RayConfig(BaseModel):
@@ -100,6 +101,12 @@ class RunConfig(BaseModel):
     ray: RayConfig | None = Field(
         default=None, description="Run shards on a Ray cluster; none runs them one after another in this process."
     )
+    plugins: dict[str, dict] = Field(
+        default_factory=dict,
+        description="Extra stages: importable module → its settings. Each module declares SPEC = Stage(...) "
+        "(stepforge.stages.base) and joins the chain in the slot it names; its settings are its own (see the "
+        "module), and enter its shard key as its key function says.",
+    )
 
     @model_validator(mode="after")
     def _share_prompt_and_split(self) -> "RunConfig":
@@ -121,9 +128,20 @@ class RunConfig(BaseModel):
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> "RunConfig":
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        """The config in a YAML file, with top-level ``overrides``. A missing or unreadable file, a YAML
+        syntax error or keys that do not validate raise a ConfigError naming the file and the key."""
+        data = read_yaml_mapping(path)
         data.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.model_validate(data)
+        return cls.from_data(data, where=f"config {path}")
+
+    @classmethod
+    def from_data(cls, data: dict, where: str = "config") -> "RunConfig":
+        """``model_validate`` whose failure is one ConfigError line: each wrong key's dotted path with
+        pydantic's message, and for an unknown key the closest valid one."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(f"{where}: {validation_message(exc, cls)}") from exc
 
 
 def demo_config(**overrides) -> RunConfig:
@@ -132,4 +150,36 @@ def demo_config(**overrides) -> RunConfig:
     data = yaml.safe_load(path.read_text())
     data["ingest"]["source"] = str(resources.files("stepforge.flows") / "data" / "gsm8k_demo.jsonl")
     data.update({k: v for k, v in overrides.items() if v is not None})
-    return RunConfig.model_validate(data)
+    return RunConfig.from_data(data, where="invalid option")  # the overrides come from the command line
+
+
+def _partial(model: type[BaseModel], seen: dict) -> type[BaseModel]:
+    """``model`` with every field optional, recursively through nested sections, and no validators:
+    the shape of a set of overrides (a section changes only the keys it names)."""
+    import types
+    import typing
+
+    from pydantic import create_model
+
+    if model in seen:
+        return seen[model]
+
+    def loosen(annotation):
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            return _partial(annotation, seen)
+        args = typing.get_args(annotation)
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType) and args:
+            return typing.Union[tuple(loosen(a) for a in args)]  # noqa: UP007 - built at runtime
+        return annotation
+
+    fields = {
+        name: (loosen(info.annotation) | None, Field(default=None, description=info.description))
+        for name, info in model.model_fields.items()
+    }
+    seen[model] = create_model(f"{model.__name__}Overrides", __config__=ConfigDict(extra="forbid"), **fields)
+    return seen[model]
+
+
+RunConfigOverrides = _partial(RunConfig, {})
+"""What a backfill may change of a recorded run config: any key of ``RunConfig``, nested sections
+partially, nothing else — so a mistyped key is refused (by the Prefect API too) before any work."""

@@ -14,14 +14,16 @@ from dataclasses import asdict
 
 from prefect import flow, task
 
-from stepforge.flows import shards
+from stepforge.flows import runtime
 from stepforge.flows.config import RunConfig
-from stepforge.flows.synthesize import _context, synthesize
+from stepforge.flows.synthesize import context_for, synthesize
 from stepforge.schemas.ids import content_hash
-from stepforge.stages import consensus, evaluate
-from stepforge.stages.consensus import ConsensusConfig
+from stepforge.stages.consensus import policy as consensus
+from stepforge.stages.verify import evaluate
+from stepforge.stages.consensus.policy import ConsensusConfig
 
 EVAL_STAGE = "eval"
+VERIFICATION = "verification"  # the slot whose shard keys name the evidence an eval shard scored
 RULES = {"tool_veto": "tool_veto", "propagate": "propagate_errors"}
 NEEDS = {
     "mc_hard": {"mc"}, "mc_soft": {"mc"}, "judge": {"judge"}, "tool": {"tool"},
@@ -65,27 +67,28 @@ def evaluation_config(base: RunConfig, methods: list[str]) -> RunConfig:
 @task(name="score")
 def score_task(config: dict, chains: list[dict[str, dict]], spec: str, benchmark: str, neutral_as: str) -> dict:
     """One method's labels over the run's stored evidence, scored and written as an eval shard."""
-    ctx = _context(config)
-    loaded = [{slot: shards.ShardManifest(**m) for slot, m in chain.items()} for chain in chains]
+    ctx = context_for(config)
+    loaded = [{slot: runtime.ShardManifest(**m) for slot, m in chain.items()} for chain in chains]
     method = method_config(spec)
     key = content_hash(
         EVAL_STAGE, benchmark, method.model_dump(mode="json"), neutral_as, consensus.VERSION,
-        sorted(chain["verify"].shard for chain in loaded),
+        sorted(chain[VERIFICATION].shard for chain in loaded),
     )
     done = ctx.store.manifest(ctx.run, EVAL_STAGE, key)
     if done is None:
         def read(table: str, *slots: str) -> list[dict]:
             return ctx.store.read_rows(table, [chain[slot] for chain in loaded for slot in slots])
 
-        evaluations = read("evaluations", "ingest", "label", "verify")
-        nodes = read("nodes", "ingest", "rollout", "label") if method.propagate_errors else []
+        evidence = ctx.chain.stage("labels").reads  # the evidence consensus would read, as it declares
+        evaluations = read("evaluations", *evidence["evaluations"])
+        nodes = read("nodes", *evidence["nodes"]) if method.propagate_errors else []
         labels = [r.model_dump() for r in consensus.run(evaluations, method, nodes) if r.TABLE == "labels"]
-        policy_rollouts = [r for r in read("rollouts", "ingest", "rollout") if r["origin"] == "policy"]
+        policy_rollouts = [r for r in read("rollouts", runtime.ROOT, "rollouts") if r["origin"] == "policy"]
         results = list(
             evaluate.processbench_results(policy_rollouts, evaluations, labels, method.policy_id, neutral_as)
         )
         done = ctx.store.write_shard(
-            ctx.run, EVAL_STAGE, key, {"eval_results": results}, inputs=[c["verify"].shard for c in loaded],
+            ctx.run, EVAL_STAGE, key, {"eval_results": results}, inputs=[c[VERIFICATION].shard for c in loaded],
             stats={"method": spec, "policy": method.policy_id, **evaluate.processbench_metrics(results)},
         )
     return {"method": spec, "policy": method.policy_id, "shard": done.shard, **{
@@ -101,10 +104,13 @@ def evaluate_flow(config: dict, methods: list[str], benchmark: str = "processben
     for spec in methods:
         method_config(spec)  # fail on a typo before any generation
     summary = synthesize(config)
-    ctx = _context(config)
-    chains, incomplete, _ = shards.completed_chains(ctx)
+    ctx = context_for(config)
+    chains, incomplete, rejects = runtime.completed_chains(ctx)
     if incomplete:
         raise RuntimeError(f"{incomplete} shard chain(s) did not complete; re-run to finish them")
     plain = [{slot: asdict(m) for slot, m in chain.items()} for chain in chains]
     scores = [score_task(config, plain, spec, benchmark, neutral_as) for spec in methods]
-    return {"run": summary["run"], "store": summary["store"], "generation": summary["generation"], "scores": scores}
+    # The benchmark rows ingest could not import are scored by no method: the caller must say so.
+    dropped = dict(rejects.stats.get("reject_reasons") or {})
+    return {"run": summary["run"], "store": summary["store"], "generation": summary["generation"], "scores": scores,
+            "dropped": dropped}

@@ -185,7 +185,7 @@ def _cost(record: dict, seconds_by_stage: dict[str, float], labelled_steps: int)
 
 
 def traffic_cost(traffic: dict, seconds_by_stage: dict[str, float], labelled_steps: int) -> dict:
-    """Token, sample and time cost from a run's generation traffic (``flows.shards.shard_traffic``)."""
+    """Token, sample and time cost from a run's generation traffic (``flows.runtime.shard_traffic``)."""
     clients = {name: {k: _number(v) for k, v in sorted(traffic[name].items())} for name in CLIENTS if traffic.get(name)}
     total = lambda counter: _number(sum(c.get(counter, 0) for c in clients.values()))  # noqa: E731
     tokens, seconds = total("generated_tokens"), round(sum(seconds_by_stage.values()), 3)
@@ -223,7 +223,7 @@ def run_figures(
 ) -> dict:
     """The key figures of ``run`` in ``store``; ``shards`` limits them to those shard keys (None: all of the run's).
 
-    ``traffic`` (``flows.shards.shard_traffic``) prices the cost instead of the run record's, for a
+    ``traffic`` (``flows.runtime.shard_traffic``) prices the cost instead of the run record's, for a
     caller (the export's card) that runs before the record is written."""
     with Catalog(store) as catalog:
         catalog.refresh(run=run, shards=shards)

@@ -2,7 +2,7 @@
 pull annotators' step labels back as ``human`` evaluations, and re-label with them.
 
 - **push** selects trajectories of the run's current chains by the review policies
-  (stages/review.py), creates or updates the project, and imports one task per trajectory
+  (stages/review/annotations.py), creates or updates the project, and imports one task per trajectory
   with the automatic labels as a prediction. It lists the project's tasks first, so pushing
   twice imports nothing twice, and a push that died after the import but before its shard was
   written is reconciled by the next one.
@@ -21,7 +21,6 @@ file (ReviewConfig.token_env / token_file), never from a parameter.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -29,11 +28,12 @@ from pathlib import Path
 
 from prefect import flow
 
+from stepforge.flows.runtime.registry import ROOT
 from stepforge.flows.secrets import read_secret
 from stepforge.schemas.ids import content_hash
 from stepforge.schemas.records import Label, Reject, ReviewItem
-from stepforge.stages import review
-from stepforge.stages.review import AnnotationError, ReviewConfig
+from stepforge.stages.review import annotations as review
+from stepforge.stages.review.annotations import AnnotationError, ReviewConfig
 
 
 class ReviewError(RuntimeError):
@@ -109,36 +109,37 @@ def _items_in_project(client, project_id: int, page_size: int) -> dict[str, int]
 
 
 # -- push ----------------------------------------------------------------------------------
-EVIDENCE_SLOTS = ("ingest", "rollout", "label", "verify")
-
-
+LABELS = "labels"  # the chain slot that holds the automatic labels annotators confirm or correct
 def evidence_chains(ctx):
     """The problem shards whose evidence is complete under the current config (ingest → verify), the
     consensus shards that label them (current, else the one the run last recorded: after a pull the
     current one is only made by the next backfill), the ingest rejects shard, and how many shards
     have no evidence yet."""
-    from stepforge.flows.shards import current_chains, load_run_record
+    from stepforge.flows.runtime import ROOT, current_chains, load_run_record
 
+    # The evidence is what the labels are made from: the slots the labels' stage needs.
+    labels_stage = ctx.chain.stage(LABELS)
+    evidence_slots = (ROOT, *labels_stage.needs)
     chains, reject_shard = current_chains(ctx)
-    ready = [{slot: chain[slot] for slot in EVIDENCE_SLOTS} for chain in chains
-             if all(chain[slot] is not None for slot in EVIDENCE_SLOTS)]
+    ready = [{slot: chain[slot] for slot in evidence_slots} for chain in chains
+             if all(chain[slot] is not None for slot in evidence_slots)]
     try:
         recorded = load_run_record(ctx.store.root, ctx.run).get("chains") or {}
     except FileNotFoundError:  # a run being made for the first time has no record yet
         recorded = {}
     labels_from = []
     for chain in chains:
-        if chain["consensus"] is not None:
-            labels_from.append(chain["consensus"])
-        elif (key := recorded.get(chain["ingest"].shard, {}).get("consensus")) is not None:
-            if (manifest := ctx.store.manifest(ctx.run, "consensus", key)) is not None:
+        if chain[LABELS] is not None:
+            labels_from.append(chain[LABELS])
+        elif (key := recorded.get(chain[ROOT].shard, {}).get(LABELS)) is not None:
+            if (manifest := ctx.store.manifest(ctx.run, labels_stage.name, key)) is not None:
                 labels_from.append(manifest)
     return ready, labels_from, reject_shard, len(chains) - len(ready)
 
 
 def push(ctx, *, limit: int | None = None) -> dict:
     """Send the trajectories the review policies select; return counts per reason and what was skipped."""
-    from stepforge.flows.shards import chain_shard_keys, review_items
+    from stepforge.flows.runtime import chain_shard_keys
     from stepforge.storage.catalog import Catalog
 
     cfg: ReviewConfig = ctx.config.review
@@ -148,9 +149,11 @@ def push(ctx, *, limit: int | None = None) -> dict:
     def read(table: str, *slots: str) -> list[dict]:
         return store.read_rows(table, [chain[s] for chain in chains for s in slots])
 
-    rollouts = read("rollouts", "ingest", "rollout", "label")
+    evidence = ctx.chain.stage(LABELS).reads  # what the labels are made from, as the labels' stage declares
+    tree = (ROOT, *evidence["nodes"][1:])  # trajectories: imported, sampled, and the labeller's completions
+    rollouts = read("rollouts", *tree)
     labels = store.read_rows("labels", labels_from)
-    evaluations = read("evaluations", "ingest", "label", "verify")
+    evaluations = read("evaluations", *evidence["evaluations"])
     sql_ids: list[str] = []
     if "sql" in cfg.policies and cfg.sql:
         shown = chain_shard_keys(chains, reject_shard) | {m.shard for m in labels_from}
@@ -161,7 +164,7 @@ def push(ctx, *, limit: int | None = None) -> dict:
             raise ReviewError(f"review.sql must return a rollout_id column; it returned {result.column_names}")
         sql_ids = [str(v) for v in result.column("rollout_id").to_pylist()]
     candidates = review.select(rollouts, labels, evaluations, cfg, ctx.config.consensus, sql_ids)
-    recorded = {row["item_id"]: row for row in review_items(ctx)}
+    recorded = {row["item_id"]: row for row in ctx.review_items()}
     title = project_title(cfg, run)
     client = connect(cfg)
     try:
@@ -172,9 +175,9 @@ def push(ctx, *, limit: int | None = None) -> dict:
     fresh = [c for c in candidates if review.item_id(run, c.rollout_id) not in in_project]
     budget = limit if limit is not None else cfg.max_items
     chosen = fresh[:budget] if budget is not None else fresh
-    problems = {p["problem_id"]: p for p in read("problems", "ingest")}
+    problems = {p["problem_id"]: p for p in read("problems", ROOT)}
     rollout_of = {r["rollout_id"]: r for r in rollouts}
-    nodes = {n["node_id"]: n for n in read("nodes", "ingest", "rollout", "label")}
+    nodes = {n["node_id"]: n for n in read("nodes", *tree)}
     label_of = {row["node_id"]: row for row in labels}
     policy_id = ctx.config.consensus.policy_id
     tasks = [review.build_task(run, c, problems[c.problem_id], rollout_of[c.rollout_id], nodes, label_of, policy_id)
@@ -281,17 +284,17 @@ def pull(ctx, *, on_page: Callable[[int, int], None] | None = None) -> dict:
 def status(ctx) -> dict:
     """What review has produced: items, annotations, agreement and conflicts, and how the automatic
     labels fare against humans on the audit sample and on everything reviewed."""
-    from stepforge.flows.shards import human_review_rows, review_items
 
-    items = review_items(ctx)
-    human = human_review_rows(ctx)
+    items = ctx.review_items()
+    human = ctx.human_review_rows()
     chains, _, _, _ = evidence_chains(ctx)
     # Automatic labels = the consensus policy without human override, recomputed from the same evidence.
-    from stepforge.stages import consensus
+    from stepforge.stages.consensus import policy as consensus
 
     auto_cfg = ctx.config.consensus.model_copy(update={"human_override": False})
-    evaluations = ctx.store.read_rows("evaluations", [c[s] for c in chains for s in ("ingest", "label", "verify")])
-    nodes = (ctx.store.read_rows("nodes", [c[s] for c in chains for s in ("ingest", "rollout", "label")])
+    evidence = ctx.chain.stage(LABELS).reads
+    evaluations = ctx.store.read_rows("evaluations", [c[s] for c in chains for s in evidence["evaluations"]])
+    nodes = (ctx.store.read_rows("nodes", [c[s] for c in chains for s in evidence["nodes"]])
              if auto_cfg.propagate_errors else [])
     automatic = {lab.node_id: lab.label for lab in consensus.run(evaluations, auto_cfg, nodes) if isinstance(lab, Label)}
     audit_nodes = {nid for item in items if "audit" in item["reasons"].split("+") for nid in item["node_ids"]}
@@ -322,70 +325,11 @@ def status(ctx) -> dict:
     }
 
 
-# -- webhook -------------------------------------------------------------------------------
-class PullOnEvent:
-    """Runs ``pull_once`` after annotation events, one at a time; events during a pull coalesce into
-    one more pull, so a burst of clicks costs at most two pulls."""
-
-    def __init__(self, pull_once: Callable[[], dict]):
-        self.pull_once = pull_once
-        self.results: list[dict] = []
-        self.errors: list[str] = []
-        self._pending = threading.Event()
-        self._lock = threading.Lock()
-        self._worker: threading.Thread | None = None
-
-    def notify(self) -> None:
-        self._pending.set()
-        with self._lock:
-            if self._worker is None or not self._worker.is_alive():
-                self._worker = threading.Thread(target=self._drain, daemon=True, name="review-pull")
-                self._worker.start()
-
-    def _drain(self) -> None:
-        while self._pending.is_set():
-            self._pending.clear()
-            try:
-                self.results.append(self.pull_once())
-            except Exception as exc:  # kept for /status; the next event retries
-                self.errors.append(str(exc))
-
-
-def webhook_app(pull_once: Callable[[], dict], secret: str | None = None):
-    """A Starlette app: Label Studio POSTs annotation events to /webhook, which trigger a pull (the
-    payload is not trusted as data: the pull reads annotations back through the API)."""
-    from starlette.applications import Starlette
-    from starlette.responses import JSONResponse
-    from starlette.routing import Route
-
-    puller = PullOnEvent(pull_once)
-    events = {"ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED"}
-
-    async def hook(request):
-        if secret is not None and request.headers.get("x-stepforge-secret") != secret:
-            return JSONResponse({"error": "bad secret"}, status_code=403)
-        try:
-            payload = await request.json()
-        except ValueError:
-            return JSONResponse({"error": "not JSON"}, status_code=400)
-        if payload.get("action") in events:
-            puller.notify()
-        return JSONResponse({"ok": True})
-
-    async def state(_request):
-        return JSONResponse({"pulls": len(puller.results), "errors": puller.errors[-5:],
-                             "last": puller.results[-1] if puller.results else None})
-
-    app = Starlette(routes=[Route("/webhook", hook, methods=["POST"]), Route("/status", state)])
-    app.state.puller = puller
-    return app
-
-
 # -- flows ---------------------------------------------------------------------------------
 @flow(name="review-push", log_prints=True)
 def review_push(run: str, store: str = "stepforge-data") -> dict:
     """Send the trajectories the run's review policies select to its Label Studio project (idempotent)."""
-    from stepforge.flows.shards import open_run
+    from stepforge.flows.runtime import open_run
 
     with open_run(store, run) as ctx:
         summary = push(ctx)
@@ -398,11 +342,11 @@ def review_pull(run: str, store: str = "stepforge-data", rerun: bool = True) -> 
     """Read every new or changed annotation of the run's Label Studio project into a review shard; with
     ``rerun``, re-run consensus, pairs, filter and export over the shards whose human labels changed."""
     from stepforge.flows.backfill import backfill_run
-    from stepforge.flows.shards import open_run
+    from stepforge.flows.runtime import open_run
 
     with open_run(store, run) as ctx:
         summary = pull(ctx)
     print(f"pulled {summary['new_step_labels']} step labels, {summary['rejected_annotations']} annotations rejected")
     if rerun and (summary["new_step_labels"] or summary["rejected_annotations"]):
-        summary["backfill"] = backfill_run(Path(store), run, stages=("consensus", "pairs", "filter", "export"))
+        summary["backfill"] = backfill_run(Path(store), run)  # the default: labels and what derives from them
     return summary

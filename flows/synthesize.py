@@ -1,16 +1,15 @@
-"""The ``synthesize`` flow: ingest → rollout → label (mc / binary_search / mcts / none) → verify → consensus → pairs
-and filter (agent trajectories) → export.
+"""The ``synthesize`` flow: ingest, then every slot of the run's chain over every problem shard, then export.
 
 Shards run one after another in this process, or, with a ``ray`` section, as tasks on a Ray
 cluster through Prefect's Ray task runner (a subflow, so the same flow and parameters serve
 both): each shard's chain waits only for its own upstream, and every worker process loads
 the model once and keeps it for the shards it is given.
 
-Thin by design: every task body is a function of ``flows.shards``. Tasks pass shard
+Thin by design: one Prefect task per stage, named after it, whose body is the runtime's
+``run_stage``; the order comes from the chain (``flows.runtime.registry``). Tasks pass shard
 manifests (small dicts naming Parquet files), never data. Each task's Prefect cache key is
-the run name plus the shard's content key (input shard hash + config hash + model + stage
-version), its result is persisted under the store, and the shard's own completion marker
-makes the work idempotent even outside Prefect.
+the run name plus the shard's content key, its result is persisted under the store, and the
+shard's own completion marker makes the work idempotent even outside Prefect.
 """
 
 from __future__ import annotations
@@ -20,98 +19,54 @@ from dataclasses import asdict
 from prefect import flow, task
 from prefect.futures import PrefectFuture
 
-from stepforge.flows import shards
+from stepforge.flows import runtime
 from stepforge.flows.artifacts import publish_artifacts
-from stepforge.flows.figures import run_figures
 from stepforge.flows.config import RayConfig, RunConfig
+from stepforge.flows.figures import run_figures
 from stepforge.storage.shards import ShardManifest
 
-_contexts: dict[str, shards.RunContext] = {}
+_contexts: dict[str, runtime.RunContext] = {}
 
 
-def _context(config: dict) -> shards.RunContext:
+def context_for(config: dict) -> runtime.RunContext:
     """One RunContext per run config per process: the model and caches load once."""
     cfg = RunConfig.model_validate(config)
     key = cfg.model_dump_json()
     if key not in _contexts:
-        _contexts[key] = shards.RunContext(cfg)
+        _contexts[key] = runtime.RunContext(cfg)
     return _contexts[key]
 
 
-def _manifest(data: dict) -> ShardManifest:
-    return ShardManifest(**data)
+def _manifests(chain: dict[str, dict]) -> dict[str, ShardManifest]:
+    return {slot: ShardManifest(**m) for slot, m in chain.items()}
 
 
-
-
-@task(name="rollout")
-def rollout_task(config: dict, key: str, problem_shard: dict) -> dict:
-    return asdict(shards.rollout_shard(_context(config), key, _manifest(problem_shard)))
-
-
-@task(name="label")
-def label_task(config: dict, key: str, problem_shard: dict, rollout_shard: dict) -> dict:
-    ctx = _context(config)
-    return asdict(shards.label_shard(ctx, key, _manifest(problem_shard), _manifest(rollout_shard)))
-
-
-@task(name="verify")
-def verify_task(config: dict, key: str, problem_shard: dict, rollout_shard: dict, label_shard: dict) -> dict:
-    ctx = _context(config)
-    return asdict(
-        shards.verify_shard(ctx, key, _manifest(problem_shard), _manifest(rollout_shard), _manifest(label_shard))
-    )
-
-
-@task(name="consensus")
-def consensus_task(
-    config: dict, key: str, problem_shard: dict, rollout_shard: dict, label_shard: dict, verify_shard: dict
-) -> dict:
-    ctx = _context(config)
-    manifests = (_manifest(m) for m in (problem_shard, rollout_shard, label_shard, verify_shard))
-    return asdict(shards.consensus_shard(ctx, key, *manifests))
-
-
-@task(name="pairs")
-def pairs_task(config: dict, key: str, problem_shard: dict, rollout_shard: dict, mc_shard: dict, label_shard: dict) -> dict:
-    ctx = _context(config)
-    return asdict(
-        shards.pairs_shard(
-            ctx, key, _manifest(problem_shard), _manifest(rollout_shard), _manifest(mc_shard), _manifest(label_shard)
-        )
-    )
-
-
-@task(name="filter")
-def filter_task(
-    config: dict, key: str, problem_shard: dict, rollout_shard: dict, mc_shard: dict, verify_shard: dict, label_shard: dict
-) -> dict:
-    ctx = _context(config)
-    manifests = (_manifest(m) for m in (problem_shard, rollout_shard, mc_shard, verify_shard, label_shard))
-    return asdict(shards.filter_shard(ctx, key, *manifests))
+@task
+def stage_task(config: dict, slot: str, key: str, upstream: dict[str, dict]) -> dict:
+    """The slot's stage over one problem shard; ``upstream`` holds the manifests of the slots it needs."""
+    return asdict(runtime.run_stage(context_for(config), slot, key, _manifests(upstream)))
 
 
 @task(name="ingest")
 def ingest_task(config: dict) -> tuple[list[dict], dict]:
-    problem_shards, reject_shard = shards.ingest_shards(_context(config))
+    problem_shards, reject_shard = runtime.ingest_shards(context_for(config))
     return [asdict(m) for m in problem_shards], asdict(reject_shard)
 
 
 @task(name="export")
 def export_task(config: dict, chains: list[dict[str, dict]], reject_shard: dict) -> list[dict]:
-    loaded = [{stage: _manifest(m) for stage, m in chain.items()} for chain in chains]
-    return shards.export_run(_context(config), loaded, _manifest(reject_shard))
+    return runtime.export_run(context_for(config), [_manifests(c) for c in chains], ShardManifest(**reject_shard))
 
 
-def _cached(task_fn, ctx: shards.RunContext):
-    """The task with a persisted, explicitly keyed result under the run's store.
+def _cached(stage: str, ctx: runtime.RunContext):
+    """The stage's task with a persisted, explicitly keyed result under the run's store.
 
     The key is ``<run>-<shard key>`` (content hashes; the run name partitions the store, so it
     partitions the cache too), offered only while the shard's completion marker exists: a
     cached manifest must never point at shards someone has deleted. So the first run of a
     shard persists its result unkeyed, and Prefect serves it from its cache from the next run on.
     """
-    stage, store, run = task_fn.name, ctx.store, ctx.run  # not ctx: Ray pickles the task, ctx holds locks
+    store, run = ctx.store, ctx.run  # not ctx: Ray pickles the task, ctx holds locks
 
     def cache_key(_task_context, parameters: dict) -> str | None:
         if store.manifest(run, stage, parameters["key"]) is None:
@@ -119,38 +74,32 @@ def _cached(task_fn, ctx: shards.RunContext):
         return f"{run}-{parameters['key']}"
 
     # A Path (not an unsaved block) is Prefect's way to say "local directory" without a server-side block.
-    return task_fn.with_options(
-        cache_key_fn=cache_key, persist_result=True, result_storage=store.root / "prefect-results",
+    return stage_task.with_options(
+        name=stage, cache_key_fn=cache_key, persist_result=True, result_storage=store.root / "prefect-results",
     )
 
 
 def _chains(config: dict, problem_shards: list[dict], submit: bool) -> list[dict[str, dict]]:
-    """Every stage over every problem shard. With ``submit`` the tasks go to the flow's task runner
-    (Ray), each waiting only for its own shard's upstream; otherwise they run one after another here."""
-    ctx = _context(config)
-    # The label task takes its labeller's stage name: its shards and cache keys live under it.
-    labeller_task = label_task.with_options(name=shards.label_stage(ctx))
-    tasks = [_cached(t, ctx) for t in (rollout_task, labeller_task, verify_task, consensus_task, pairs_task, filter_task)]
-    rollout_t, label_t, verify_t, consensus_t, pairs_t, filter_t = (t.submit if submit else t for t in tasks)
+    """Every slot over every problem shard. With ``submit`` the tasks go to the flow's task runner
+    (Ray), each waiting only for the slots its stage needs; otherwise they run one after another here."""
+    ctx = context_for(config)
+    chain = ctx.chain
+    tasks = {slot: _cached(chain.stage(slot).name, ctx) for slot in chain.stage_slots}
     chains = []
     for problem_shard in problem_shards:
-        keys = shards.chain_keys(ctx, problem_shard["shard"])
-        rollout_m = rollout_t(config, keys["rollout"], problem_shard)
-        evidence_m = label_t(config, keys["label"], problem_shard, rollout_m)
-        verify_m = verify_t(config, keys["verify"], problem_shard, rollout_m, evidence_m)
-        label_m = consensus_t(config, keys["consensus"], problem_shard, rollout_m, evidence_m, verify_m)
-        pairs_m = pairs_t(config, keys["pairs"], problem_shard, rollout_m, evidence_m, label_m)
-        filter_m = filter_t(config, keys["filter"], problem_shard, rollout_m, evidence_m, verify_m, label_m)
-        chains.append(
-            {"ingest": problem_shard, "rollout": rollout_m, "label": evidence_m, "verify": verify_m,
-             "consensus": label_m, "pairs": pairs_m, "filter": filter_m}
-        )
-    return [{slot: (m.result() if isinstance(m, PrefectFuture) else m) for slot, m in chain.items()} for chain in chains]
+        keys = runtime.chain_keys(ctx, problem_shard["shard"])
+        done: dict = {runtime.ROOT: problem_shard}
+        for slot in chain.stage_slots:
+            upstream = {s: done[s] for s in (runtime.ROOT, *chain.stage(slot).needs)}
+            call = tasks[slot].submit if submit else tasks[slot]
+            done[slot] = call(config, slot, keys[slot], upstream)
+        chains.append(done)
+    return [{slot: (m.result() if isinstance(m, PrefectFuture) else m) for slot, m in c.items()} for c in chains]
 
 
 @flow(name="shards-on-ray")
 def _chains_on_ray(config: dict, problem_shards: list[dict]) -> list[dict[str, dict]]:
-    ray = _context(config).config.ray
+    ray = context_for(config).config.ray
     if ray.task_gpus:
         from prefect_ray.context import remote_options
 
@@ -175,10 +124,13 @@ def ray_task_runner(ray: RayConfig):
 
 
 @flow(name="synthesize", log_prints=True)
-def synthesize(config: dict) -> dict:
-    """Run every stage over every shard of the configured problems; return a summary of the run."""
-    ctx = _context(config)
-    shards.record_run(ctx, "running")
+def synthesize(config: RunConfig) -> dict:
+    """Run every stage over every shard of the configured problems; return a summary of the run.
+
+    Typed: a deployment's parameters are validated against ``RunConfig`` before a run starts."""
+    config = RunConfig.model_validate(config).model_dump(mode="json")  # tasks take JSON (Ray pickles them)
+    ctx = context_for(config)
+    runtime.record_run(ctx, "running")
     try:
         problem_shards, reject_shard = ingest_task(config)
         if ctx.config.ray is not None:
@@ -189,11 +141,11 @@ def synthesize(config: dict) -> dict:
             chains = _chains(config, problem_shards, submit=False)
         exports = export_task(config, chains, reject_shard)
     except BaseException:
-        shards.record_run(ctx, "failed")
+        runtime.record_run(ctx, "failed")
         raise
-    traffic = shards.shard_traffic(chains)
-    record = shards.record_run(ctx, "completed", exports, traffic, chains=chains)
-    shard_keys = sorted(shards.figure_shard_keys(ctx, chains, reject_shard))
+    traffic = runtime.shard_traffic(chains)
+    record = runtime.record_run(ctx, "completed", exports, traffic, chains=chains, reject_shard=reject_shard)
+    shard_keys = sorted(runtime.figure_shard_keys(ctx, chains, reject_shard))
     publish_artifacts(run_figures(ctx.store.root, ctx.run, set(shard_keys)), ctx.run)
     return {
         "run": ctx.run, "store": str(ctx.store.root), "exports": exports, "generation": record["generation"],

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from stepforge.schemas.ids import content_hash, node_id
 from stepforge.schemas.records import Node, Origin, Record, Reject, Rollout
-from stepforge.stages.answers import AnswerChecker, extract_final_answer
+from stepforge.stages.rollout.answers import AnswerChecker, extract_final_answer
 from stepforge.stages.llm.base import Generation, GenerationError
-from stepforge.stages.split import SplitConfig, split_steps
+from stepforge.stages.rollout.split import SplitConfig, split_steps
+
+# Where a shard chain keeps its step tree: imported trajectories travel with their problems, sampled
+# ones are the rollouts slot's, and a labeller's completions hang below their prefixes in step_values.
+# Stages that read the tree name these slots in their declarations (``reads``).
+TREE_SLOTS = ("problems", "rollouts", "step_values")
+EVIDENCE_SLOTS = ("problems", "step_values", "verification")
+"""Where a chain keeps its evaluations: imported labels, the labeller's values, the verifiers' evidence."""
 
 
 @dataclass(frozen=True)
@@ -28,15 +36,111 @@ class PathPrefix:
 
 
 def path_to(leaf: str | None, parent_by_node: dict[str, str | None]) -> list[str] | None:
-    """Node ids from the first step down to ``leaf``; None if a node on the way is missing (or a cycle)."""
-    path: list[str] = []
-    cursor = leaf
-    while cursor is not None:
-        if cursor not in parent_by_node or len(path) > len(parent_by_node):
-            return None
-        path.append(cursor)
-        cursor = parent_by_node[cursor]
-    return path[::-1] or None
+    """Node ids from the first step down to ``leaf``; None if a node on the way is missing (or a
+    cycle), or if ``leaf`` is None. For callers holding only a parent map (``StepTree.path``)."""
+    path = StepTree.over(parent_by_node).path(leaf)
+    return list(path) if path else None
+
+
+class StepTree:
+    """The nodes table as a tree: nodes by id, parent links, children per prefix, root-to-node paths.
+
+    Built from node rows (dicts with ``node_id``, ``parent_id``, ``problem_id``, ...) in table
+    order. ``nodes`` keeps the last row stored for an id (as a dict built from the table would);
+    the parent link and the place among its siblings come from the first (a step stored by two
+    shards has one parent: its id hashes it). ``link`` adds a parent link known only from a
+    rollout's path. Complete paths are memoised; links are never rewritten, so they stay valid
+    as the tree grows.
+    """
+
+    def __init__(self, nodes: Iterable[Mapping[str, Any]] = ()):
+        self.nodes: dict[str, Mapping[str, Any]] = {}
+        self.parent: dict[str, str | None] = {}
+        # problem -> prefix (parent node, None for the problem itself) -> children, in table order
+        self._children: dict[str | None, dict[str | None, list[str]]] = {}
+        self._paths: dict[str, tuple[str, ...]] = {}
+        for node in nodes:
+            self.add(node)
+
+    @classmethod
+    def over(cls, parent_by_node: dict[str, str | None]) -> "StepTree":
+        """A tree of parent links only, sharing ``parent_by_node`` (not copied: read it, do not grow it)."""
+        tree = cls()
+        tree.parent = parent_by_node
+        return tree
+
+    def add(self, node: Mapping[str, Any]) -> None:
+        nid = node["node_id"]
+        self.nodes[nid] = node
+        if nid in self.parent:
+            return  # the same step stored twice
+        parent = node.get("parent_id")
+        self.parent[nid] = parent
+        self._children.setdefault(node.get("problem_id"), {}).setdefault(parent, []).append(nid)
+
+    def link(self, nid: str, parent: str | None) -> None:
+        """Record ``nid``'s parent if it is not known yet (a step met on a rollout's path)."""
+        self.parent.setdefault(nid, parent)
+
+    def __contains__(self, nid: object) -> bool:
+        return nid in self.nodes
+
+    def children(self, problem_id: str) -> dict[str | None, list[str]]:
+        """One problem's prefixes (None: the problem) -> their child steps, in table order."""
+        return self._children.get(problem_id, {})
+
+    def ancestors(self, nid: str) -> Iterator[str]:
+        """The ids above ``nid``, its parent first, up to the first step (or to an id whose own
+        parent is unknown: that id is the last one yielded)."""
+        cursor = self.parent.get(nid)
+        while cursor is not None:
+            yield cursor
+            cursor = self.parent.get(cursor)
+
+    def path(self, nid: str | None) -> tuple[str, ...] | None:
+        """Node ids from the first step down to ``nid`` (inclusive; ``()`` for None, the problem);
+        None if a node on the way is missing (or the links form a cycle)."""
+        if nid is None:
+            return ()
+        if nid in self._paths:
+            return self._paths[nid]
+        chain: list[str] = []
+        cursor: str | None = nid
+        while cursor is not None and cursor not in self._paths:
+            if cursor not in self.parent or len(chain) > len(self.parent):  # missing, or a cycle
+                return None
+            chain.append(cursor)
+            cursor = self.parent[cursor]
+        above = self._paths[cursor] if cursor is not None else ()
+        path = above + tuple(reversed(chain))
+        self._paths[nid] = path
+        return path
+
+    def above(self, nid: str) -> tuple[str, ...]:
+        """The ids of the steps above ``nid``, first step first; empty when a node on the way is
+        missing (the step is then taken on its own)."""
+        path = self.path(nid)
+        return path[:-1] if path else ()
+
+    def depth(self, nid: str) -> int | None:
+        """1 for a first step; None if a node on the way is missing."""
+        path = self.path(nid)
+        return None if path is None else len(path)
+
+    def texts(self, ids: Iterable[str]) -> list[str]:
+        """The stored texts of ``ids``, in order."""
+        return [self.nodes[i]["text"] for i in ids]
+
+
+def failed_generation(stage: str, item: str, result: Generation | BaseException) -> Reject | None:
+    """A failed sample of ``GenerationClient.generate_each`` (a ``GenerationError``) as a
+    ``generation_failed`` reject of ``stage`` named ``item``; None for a generation. Any other
+    exception is a bug and propagates."""
+    if isinstance(result, GenerationError):
+        return Reject(stage=stage, item=item, reason="generation_failed", detail=str(result))
+    if isinstance(result, BaseException):
+        raise result
+    return None
 
 
 def first_occurrences(records: list[Record], seen: set[str]) -> list[Record]:
@@ -86,10 +190,8 @@ class TreeBuilder:
         """Like ``from_generation``, for one entry of ``GenerationClient.generate_each``: a failed
         sample (``GenerationError``) becomes a ``generation_failed`` reject named ``item``; any other
         exception is a bug and propagates."""
-        if isinstance(result, GenerationError):
-            return None, [], Reject(stage=stage, item=item, reason="generation_failed", detail=str(result))
-        if isinstance(result, BaseException):
-            raise result
+        if (reject := failed_generation(stage, item, result)) is not None:
+            return None, [], reject
         return self.from_generation(stage, problem_id, gold_answer, prefix, result, origin, sample_index)
 
     def from_generation(

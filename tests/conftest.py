@@ -3,11 +3,52 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+# Inherited by every process the tests start, down to the servers their children start and the
+# orphans of a killed run, wherever those end up in the process tree: pytest_sessionfinish finds
+# what the suite left running by it.
+SESSION_MARK = "STEPFORGE_TEST_SESSION"
+os.environ[SESSION_MARK] = os.urandom(8).hex()
+
+
+def _interrupted(signum, frame):
+    raise KeyboardInterrupt(f"stopped by signal {signum}")
+
+
+# A suite stopped with SIGTERM (`timeout`, CI) would otherwise die on the spot, leaving every server
+# its fixtures started running; as an interrupt, fixtures are torn down and the check below runs.
+signal.signal(signal.SIGTERM, _interrupted)
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own, which tears down what an interrupt left set up
+def pytest_sessionfinish(session, exitstatus):
+    """The suite leaves no server running. Fixtures have stopped theirs by now; a process carrying
+    the session's mark that still listens on a port (an orphan of a killed run, a server a test
+    forgot) is listed, killed, and fails the session."""
+    import sys
+
+    from processes import kill_all, marked_servers, wait_until_gone
+
+    # Prefect stops the temporary API it started for this process at exit; stop it now instead.
+    if (prefect_server := sys.modules.get("prefect.server.api.server")) is not None:
+        for server in list(prefect_server.SubprocessASGIServer._instances.values()):
+            server.stop()
+    # A server stopped at the very end may take a moment to go: the deadline only bounds the wait.
+    left = wait_until_gone(lambda: marked_servers(SESSION_MARK, os.environ[SESSION_MARK]), 30)
+    if left:
+        kill_all(left)
+        if reporter := session.config.pluginmanager.get_plugin("terminalreporter"):
+            reporter.line("")  # the progress line has no newline yet
+            reporter.write_sep("=", "servers the tests left running (now killed)", red=True)
+            for proc in left:
+                reporter.write_line(str(proc))
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")
@@ -38,8 +79,11 @@ def llama_server():
     """llama.cpp's own OpenAI-compatible server with SmolLM2, on a free loopback port, behind an API key.
 
     One token per batch, so a seeded request samples the same whatever the server ran before it.
+    One thread: llama.cpp's threads wait for each other at every operation, and beside a CPU-bound
+    process on every core each wait can cost a scheduler time slice. Measured on 2 cores with two busy
+    loops, a request's 130-token prompt took 159 s with 2 threads and 3 s with 1 (1.7 s and 2.4 s idle).
     """
-    from stepforge.stages.llm.local_server import llamacpp_server
+    from stepforge.stages.instruments.local_server import llamacpp_server
 
-    with llamacpp_server("smollm2-135m", n_ctx=2048, n_batch=1, api_key=LLAMA_SERVER_KEY) as server:
+    with llamacpp_server("smollm2-135m", n_ctx=2048, n_batch=1, n_threads=1, api_key=LLAMA_SERVER_KEY) as server:
         yield server

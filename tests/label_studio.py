@@ -15,10 +15,10 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from stepforge.flows.label_studio_venv import default_venv
 from stepforge.flows.review_server import (
     LabelStudioError,
     LabelStudioServer,
-    default_venv,
     ensure_label_studio,
     start_label_studio,
 )

@@ -5,17 +5,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stepforge.flows import shards
+from stepforge.flows import runtime
 from stepforge.flows.config import RunConfig
 
 
-def store_run(cfg: RunConfig) -> shards.RunContext:
+def store_run(cfg: RunConfig) -> runtime.RunContext:
     """Every stage over every problem shard of ``cfg``, its exports and its run record; returns the
     context (the caller closes it, or lets it go: a model-free run holds no model)."""
-    ctx = shards.RunContext(cfg)
-    problem_shards, reject_shard = shards.ingest_shards(ctx)
-    chains = [shards.run_chain(ctx, m) for m in problem_shards]
-    shards.record_run(ctx, "completed", shards.export_run(ctx, chains, reject_shard), {}, chains=chains)
+    ctx = runtime.RunContext(cfg)
+    problem_shards, reject_shard = runtime.ingest_shards(ctx)
+    chains = [runtime.run_chain(ctx, m) for m in problem_shards]
+    runtime.record_run(ctx, "completed", runtime.export_run(ctx, chains, reject_shard), {}, chains=chains, reject_shard=reject_shard)
     return ctx
 
 

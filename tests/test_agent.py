@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 
 from stepforge.schemas.records import Evaluation, Problem, Reject
-from stepforge.stages import agent, agent_checks
-from stepforge.stages.agent_judge import AgentJudgeConfig, parse_score
-from stepforge.stages.agent_pairs import parse_action, policy_messages
-from stepforge.stages.answers import AnswerChecker
-from stepforge.stages.ingest import IngestConfig
-from stepforge.stages.ingest import run as ingest
-from stepforge.stages.judge import JudgementError
+from stepforge.stages.agent import trajectory as agent
+from stepforge.stages.verify import agent_checks
+from stepforge.stages.verify.agent_judge import AgentJudgeConfig, parse_score
+from stepforge.stages.agent.agent_pairs import parse_action, policy_messages
+from stepforge.stages.rollout.answers import AnswerChecker
+from stepforge.stages.ingest.sources import IngestConfig
+from stepforge.stages.ingest.sources import run as ingest
+from stepforge.stages.verify.judge import JudgementError
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TRAJECTORIES = FIXTURES / "agent_trajectories.jsonl"
@@ -192,7 +193,7 @@ def agent_config(tmp_path: Path, **extra) -> dict:
 
 def run_chains(config: dict):
     from stepforge.flows.config import RunConfig
-    from stepforge.flows.shards import RunContext, export_run, ingest_shards, record_run, run_chain, shard_traffic
+    from stepforge.flows.runtime import RunContext, export_run, ingest_shards, record_run, run_chain, shard_traffic
 
     ctx = RunContext(RunConfig.model_validate(config))
     shards, rejects = ingest_shards(ctx)
@@ -207,7 +208,7 @@ def run_chains(config: dict):
 def test_filtered_sft_trains_only_on_kept_turns(tmp_path):
     from datasets import load_from_disk
 
-    from stepforge.flows.shards import chain_shard_keys, ingest_shards
+    from stepforge.flows.runtime import chain_shard_keys, ingest_shards
     from stepforge.storage.catalog import Catalog
 
     ctx, chains, exports = run_chains(agent_config(tmp_path))
@@ -237,7 +238,7 @@ def test_dataset_card_counts_equal_the_catalog_and_the_export_loads_back(tmp_pat
     from typer.testing import CliRunner
 
     from stepforge.flows.cli import app
-    from stepforge.flows.shards import chain_shard_keys, ingest_shards
+    from stepforge.flows.runtime import chain_shard_keys, ingest_shards
     from stepforge.storage.catalog import Catalog
 
     ctx, chains, exports = run_chains(agent_config(tmp_path))
@@ -289,13 +290,13 @@ def test_judge_reasoning_and_pairs_with_a_real_model(tmp_path, smollm_backend):
     )
     ctx, chains, exports = run_chains(config)
     store = ctx.store
-    verify = store.read_rows("evaluations", [c["verify"] for c in chains])
+    verify = store.read_rows("evaluations", [c["verification"] for c in chains])
     judged = [e for e in verify if e["source"] == "judge"]
-    judge_rejects = [r for r in store.read_rows("rejects", [c["verify"] for c in chains]) if r["stage"] == "judge"]
-    nodes = store.read_rows("nodes", [c["ingest"] for c in chains])
+    judge_rejects = [r for r in store.read_rows("rejects", [c["verification"] for c in chains]) if r["stage"] == "judge"]
+    nodes = store.read_rows("nodes", [c["problems"] for c in chains])
     assert len(judged) + len({r["item"].split("#")[0] for r in judge_rejects}) >= len(nodes)
     assert all(1 <= json.loads(e["meta"])["score"] <= 10 and e["verdict"] in (-1, 0, 1) for e in judged)
-    filtered = [c["filter"] for c in chains]
+    filtered = [c["agent_steps"] for c in chains]
     decisions = store.read_rows("step_filter", filtered)
     written = store.read_rows("augmentations", filtered)
     filter_rejects = store.read_rows("rejects", filtered)
@@ -312,4 +313,4 @@ def test_judge_reasoning_and_pairs_with_a_real_model(tmp_path, smollm_backend):
     assert Path(exports["agent_sft"]["parquet_path"]).exists()
     # a second run finds every shard complete: it loads no model and generates nothing
     again, _, _ = run_chains(config)
-    assert again._client is None and again._judge_client is None
+    assert not again.clients, "no model loaded: neither the policy nor the judge"

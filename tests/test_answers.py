@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from stepforge.stages.answers import AnswerChecker, extract_final_answer, gsm8k_gold_answer, last_boxed
+from stepforge.stages.rollout.answers import AnswerChecker, extract_final_answer, gsm8k_gold_answer, last_boxed
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from stored_runs import processbench_config, store_run
-from stepforge.flows import shards
+from stepforge.flows import runtime
 from stepforge.flows.backfill import BackfillError, backfill_run, merge
 from stepforge.flows.cli import app
 from stepforge.flows.config import RunConfig
@@ -28,10 +28,10 @@ def markers(store: Path) -> set[str]:
 
 
 def labels_now(store: Path, run: str) -> dict[str, dict]:
-    ctx = shards.RunContext(shards.load_run_config(store, run))
-    chains, incomplete, _ = shards.completed_chains(ctx)
+    ctx = runtime.RunContext(runtime.load_run_config(store, run))
+    chains, incomplete, _ = runtime.completed_chains(ctx)
     assert incomplete == 0
-    return {r["node_id"]: r for r in ctx.store.read_rows("labels", [c["consensus"] for c in chains])}
+    return {r["node_id"]: r for r in ctx.store.read_rows("labels", [c["labels"] for c in chains])}
 
 
 def test_backfill_relabels_reexports_and_says_what_changed(tmp_path):
@@ -49,7 +49,7 @@ def test_backfill_relabels_reexports_and_says_what_changed(tmp_path):
     assert exported["config"]["consensus"]["human_override"] is True, "the run now follows the new settings"
     rows = exported["exports"][0]["rows"]
     assert f"export prm_stepwise: 3 → {rows} rows" in result.output and rows > 3, "fully labelled paths now export"
-    assert set(exported["chains"]) and all(c["consensus"] for c in exported["chains"].values())
+    assert set(exported["chains"]) and all(c["labels"] for c in exported["chains"].values())
 
     seen = markers(tmp_path)
     again = CliRunner().invoke(app, ["backfill", "bf", "--store", str(tmp_path), "--set", "consensus.human_override=true"])
@@ -78,8 +78,8 @@ def test_a_stage_the_settings_change_but_not_chosen_is_an_error_before_any_work(
 
 def test_selection_by_sql_and_by_shard_touches_only_those_shards(tmp_path):
     make_run(tmp_path)
-    ctx = shards.RunContext(shards.load_run_config(tmp_path, "bf"))
-    problem_shards, _ = shards.ingest_shards(ctx)
+    ctx = runtime.RunContext(runtime.load_run_config(tmp_path, "bf"))
+    problem_shards, _ = runtime.ingest_shards(ctx)
     first = problem_shards[0]
     problem = ctx.store.read_rows("problems", [first])[0]["problem_id"]
     summary = backfill_run(tmp_path, "bf", overrides={"consensus": {"propagate_errors": True}},

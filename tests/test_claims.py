@@ -1,4 +1,4 @@
-"""Arithmetic claims in one solution step: extraction and exact sympy checks (stages/claims.py).
+"""Arithmetic claims in one solution step: extraction and exact sympy checks (stages/verify/claims.py).
 
 Measured on tests/fixtures/processbench_gsm8k_dev40.json (ProcessBench, GSM8K split, every 10th
 row: 40 rows, 21 with an error, 210 steps, 137 of them before the human's earliest-error index):
@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import pytest
-from stepforge.stages.claims import (
+from stepforge.stages.verify.claims import (
     Claim,
     ClaimCheck,
     check_claim,

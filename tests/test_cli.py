@@ -23,14 +23,14 @@ def test_progress_is_logged_line_by_line_without_a_terminal():
 
 def test_a_bad_query_is_a_clear_error_not_a_traceback(tmp_path):
     result = CliRunner().invoke(app, ["query", "select nope from nodes", "--store", str(tmp_path)])
-    assert result.exit_code == 1
-    assert "query failed" in result.output and "nope" in result.output
+    assert result.exit_code == 2  # a mistake in the command, like every other (tests/test_cli_errors.py)
+    assert "query failed" in result.stderr and "nope" in result.stderr
 
 
 def test_exporting_an_unknown_run_says_so(tmp_path):
     result = CliRunner().invoke(app, ["export", "--store", str(tmp_path), "--run", "missing"])
-    assert result.exit_code == 1
-    assert "no run 'missing'" in result.output
+    assert result.exit_code == 2
+    assert "no run 'missing'" in result.stderr
 
 
 def test_world_command_writes_problems_the_ingest_reads(tmp_path):
@@ -48,7 +48,7 @@ def test_run_takes_the_labeller_from_the_command_line(prefect_harness, tmp_path)
 
     import yaml
 
-    from stepforge.stages.llm.synthetic import make_problems
+    from stepforge.stages.instruments.synthetic import make_problems
     from stepforge.storage.catalog import Catalog
 
     source = tmp_path / "world.jsonl"

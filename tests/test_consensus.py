@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from stepforge.schemas.records import Label, Reject
-from stepforge.stages import consensus
-from stepforge.stages.consensus import ConsensusConfig
+from stepforge.stages.consensus import policy as consensus
+from stepforge.stages.consensus.policy import ConsensusConfig
 
 
 def ev(node: str, source: str, *, n: int = 1, successes: int = 0, verdict: int | None = None,

@@ -339,6 +339,9 @@ def test_the_api_refuses_a_run_with_a_mistyped_parameter(client, served) -> None
         ("synthesize-adhoc", {"config": "not a mapping"}),
         ("review-pull", {"run": 7}),
         ("backfill", {"stages": "consensus"}),  # a string where a list belongs
+        # Typed all the way down: a key RunConfig does not have, a value of the wrong type.
+        ("backfill", {"run": "bf", "overrides": {"consensus": {"polcy": "vote"}}}),
+        ("synthesize-adhoc", {"config": {"ingest": {"source": "x.jsonl"}, "shard_size": "many"}}),
     ]:
         with pytest.raises(PrefectHTTPStatusError) as refused:
             client.create_flow_run_from_deployment(deployments[name].id, parameters=parameters)

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from stepforge.stages.evaluate import processbench_metrics, processbench_results
-from stepforge.stages.importers import import_evaluation_id
+from stepforge.stages.verify.evaluate import processbench_metrics, processbench_results
+from stepforge.stages.ingest.importers import import_evaluation_id
 
 
 def human(rollout_id: str, step: int, node: str, verdict: int, row: str) -> dict:

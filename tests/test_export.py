@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import typing
 from pathlib import Path
@@ -15,15 +16,19 @@ import pytest
 from stepforge.schemas.formats import (
     CONFLICTING_KEYS,
     FORMAT_KEYS,
+    VALIDATORS,
     validate_math_shepherd,
     validate_preference,
     validate_stepwise_supervision,
     validate_unpaired_preference,
 )
 from stepforge.schemas.records import Pair, Problem, to_arrow
-from stepforge.stages import export, pairs
-from stepforge.stages.export import ExportConfig
-from stepforge.stages.split import SplitConfig
+from stepforge.stages.agent.trajectory import step_text
+from stepforge.stages.export import datasets as export
+from stepforge.stages.pairs import step_pairs as pairs
+from stepforge.stages.export.datasets import ExportConfig
+from stepforge.stages.export.registry import ExportedDataset, by_name, describe
+from stepforge.stages.rollout.split import SplitConfig
 
 POLICY = "mc_hard@1"
 QUESTION_1 = "Natalia sold 48 clips in April and half as many in May. How many in total?"
@@ -465,6 +470,110 @@ def test_every_dataset_is_in_a_known_format_without_conflicting_columns() -> Non
         columns = set(export.FEATURES[name])
         assert set(FORMAT_KEYS[format_name]) <= columns, name
         assert not columns & CONFLICTING_KEYS[format_name], name
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry is the one place a dataset is declared.
+
+AGENT_CONTEXT = [{"role": "system", "content": "Use the tools."}, {"role": "user", "content": "What is 2+2?"}]
+AGENT_STEPS = {  # node_id: the step's messages (an assistant turn, then what came back)
+    "s0": [{"role": "assistant", "content": "I will compute it.",
+            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "calc", "arguments": '{"x": "2+2"}'}}]},
+           {"role": "tool", "content": "4", "tool_call_id": "c1", "name": "calc"}],
+    "s1": [{"role": "assistant", "content": "Final answer: 5"}],
+}
+
+
+def build_agent_tables() -> dict[str, pa.Table]:
+    """One agent task: a two-step policy trajectory whose first step the filter kept (with written
+    reasoning) and whose wrong second step it dropped, and the agent pair that corrects that step."""
+    tools = [{"type": "function", "function": {"name": "calc"}}]
+    meta = {"kind": "agent", "agent": {"context": AGENT_CONTEXT, "tools": tools}}
+    decision = {"rollout_id": "ra", "problem_id": "a1", "confidence": 0.9, "policy": "filter@1"}
+    return {
+        "problems": to_arrow("problems", [{**_problem("a1", "What is 2+2?", "4"), "meta": json.dumps(meta)}]),
+        "rollouts": to_arrow(
+            "rollouts", [{**_rollout("ra", "a1", [], "5", False), "node_ids": ["s0", "s1"], "text": "Final answer: 5"}]
+        ),
+        "nodes": to_arrow(
+            "nodes",
+            [{"node_id": node_id, "problem_id": "a1", "parent_id": parent, "depth": depth, "text": step_text(messages),
+              "origin": "policy", "num_tokens": 5}
+             for (node_id, messages), parent, depth in zip(AGENT_STEPS.items(), (None, "s0"), (1, 2))],
+        ),
+        "step_filter": to_arrow(
+            "step_filter",
+            [{**decision, "node_id": "s0", "step_index": 0, "kept": True, "reason": "kept", "label": 1, "score": 9.0},
+             {**decision, "node_id": "s1", "step_index": 1, "kept": False, "reason": "label_negative", "label": -1,
+              "score": 2.0}],
+        ),
+        "augmentations": to_arrow(
+            "augmentations",
+            [{"node_id": "s0", "problem_id": "a1", "reasoning": "Adding is safest with the calculator.",
+              "original": "I will compute it.", "model": "writer", "generation_key": "g-aug", "cost_tokens": 7}],
+        ),
+        "agent_pairs": to_arrow(
+            "pairs",
+            [{**_pair("ap", "a1", "agent_step", json.dumps([*AGENT_CONTEXT, *AGENT_STEPS["s0"]]),
+                      json.dumps({"role": "assistant", "content": "Final answer: 4"}),
+                      json.dumps(AGENT_STEPS["s1"][0]), 0.9),
+              "prefix_node_id": "s0", "rejected_node_id": "s1"}],
+        ),
+    }
+
+
+def test_the_registry_is_the_single_source_of_every_dataset(tmp_path: Path) -> None:
+    """Each registered dataset is in the config's description and the card, has a validator and a
+    consumer, and, exported from math problems and an agent task together, gives rows its validator accepts."""
+    math_tables, agent_tables = build_tables(), build_agent_tables()
+    problems = [Problem(**row) for row in math_tables["problems"].to_pylist()]
+    made = pairs.run(
+        problems, math_tables["rollouts"].to_pylist(), math_tables["nodes"].to_pylist(),
+        math_tables["labels"].to_pylist(), pairs.PairsConfig(kinds=["step_dpo", "trajectory"]),
+    )
+    tables = {
+        "problems": pa.concat_tables([math_tables["problems"], agent_tables["problems"]]),
+        "rollouts": pa.concat_tables([math_tables["rollouts"], agent_tables["rollouts"]]),
+        "nodes": pa.concat_tables([math_tables["nodes"], agent_tables["nodes"]]),
+        "labels": math_tables["labels"],
+        "pairs": to_arrow("pairs", list(made)),  # with a trajectory pair whose steps are all in the tree
+        "step_filter": agent_tables["step_filter"],
+        "augmentations": agent_tables["augmentations"],
+        "agent_pairs": agent_tables["agent_pairs"],
+    }
+    config = ExportConfig(out_dir=tmp_path)
+    summaries = {summary["dataset"]: summary for summary in export.run(config, **tables)}
+    card = (tmp_path / "README.md").read_text(encoding="utf-8")
+    description = ExportConfig.model_fields["formats"].description
+
+    assert list(summaries) == list(export.DATASETS) == list(typing.get_args(export.ExportName))
+    for name, entry in export.DATASETS.items():
+        assert entry.name == name and entry.format in VALIDATORS and entry.consumer, name
+        assert f"{name}: {entry.format} {{" in description and f"for {entry.consumer}." in description, name
+        assert f"| `{name}` | `{entry.format}` | {summaries[name]['rows']} |" in card, name
+        assert f"- `{name}`: {entry.card}" in card, name
+        assert summaries[name]["format"] == entry.format
+        assert summaries[name]["rows"] > 0, f"{name}: no row to check ({summaries[name]['skipped']})"
+        entry.validate(load_both(tmp_path, name), config)  # the rows as a consumer reads them back
+    sft = datasets.load_from_disk(str(tmp_path / "agent_sft"))[0]
+    assert sft["train_mask"] == [False, False, True, False]  # context, the kept step, its tool result
+    assert sft["messages"][2]["content"].startswith("<think>\nAdding is safest")
+
+
+def test_a_dataset_is_one_entry() -> None:
+    """A new entry is described from what it declares; an entry whose columns do not fit its format
+    fails when declared, not when a run exports it."""
+    toy = ExportedDataset(
+        name="toy_kto", format="unpaired_preference", features=export.KTO_FEATURES, build=lambda inputs: ([], {}),
+        consumer="a toy trainer", card="nothing yet.",
+    )
+    registry = by_name([*export.DATASETS.values(), toy])
+    assert "toy_kto: unpaired_preference {prompt, completion, label}, for a toy trainer." in describe(registry)
+    with pytest.raises(ValueError, match="declared twice"):
+        by_name([toy, toy])
+    with pytest.raises(ValueError, match=r"features lack the preference keys \['chosen', 'rejected'\]"):
+        ExportedDataset(name="bad", format="preference", features=export.KTO_FEATURES, build=toy.build,
+                        consumer="x", card="x")
 
 
 # ---------------------------------------------------------------------------------------------

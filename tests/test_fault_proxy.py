@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from asgi_server import serving
-from stepforge.stages.llm.fault_proxy import ALL_KINDS, FaultConfig, choose_fault, running_proxy
+from stepforge.stages.instruments.fault_proxy import ALL_KINDS, FaultConfig, choose_fault, running_proxy
 
 FAST_KINDS = ("http_500", "http_503", "http_429", "truncated_json", "garbage_json")
 
@@ -342,7 +342,7 @@ def test_config_is_validated(kwargs):
 def test_cli_prints_counts_on_sigterm(upstream):
     url, _ = upstream
     process = subprocess.Popen(
-        [sys.executable, "-m", "stepforge.stages.llm.fault_proxy", "--upstream", url, "--port", "0",
+        [sys.executable, "-m", "stepforge.stages.instruments.fault_proxy", "--upstream", url, "--port", "0",
          "--rate", "1", "--kinds", "http_500,http_503", "--max-faults-per-request", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip

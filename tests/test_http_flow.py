@@ -12,7 +12,8 @@ import yaml
 from cli_runs import run_cli, table_rows
 from conftest import LLAMA_KEY_ENV as KEY_ENV
 from conftest import LLAMA_SERVER_KEY
-from stepforge.stages.llm.fault_proxy import FaultConfig, running_proxy
+from fault_accounting import assert_retries_accounted_for, retries_by_reason
+from stepforge.stages.instruments.fault_proxy import FaultConfig, running_proxy
 
 FIXTURES = Path(__file__).parent / "fixtures"
 pytestmark = pytest.mark.slow
@@ -66,13 +67,14 @@ def test_a_run_through_twenty_percent_faults_matches_a_clean_run(llama_server, t
     record = json.loads((tmp_path / "flaky" / "store" / "runs" / "http.json").read_text())
     traffic = record["traffic"]["generation"]
     assert sum(injected.values()) > 0, (proxy.counts, traffic)
-    # Counters that stayed zero are left out of the stats.
-    assert traffic["retries"] == sum(injected.values()) and traffic.get("gave_up", 0) == 0
+    # Every fault cost one retry and every other retry is a slow answer timed out (a busy machine):
+    # the counts by reason say which. Counters that stayed zero are left out of the stats.
+    assert_retries_accounted_for(injected, traffic)
     assert traffic["http_requests"] == traffic["generated"] + traffic["retries"]
-    reasons = {"http_500", "http_503", "http_429", "timeout", "connection", "bad_json"}
-    assert {k.split(".", 1)[1] for k in traffic if k.startswith("retries.")} <= reasons
     clean_traffic = json.loads((tmp_path / "clean" / "store" / "runs" / "http.json").read_text())["traffic"]["generation"]
-    assert clean_traffic.get("retries", 0) == 0 and clean_traffic["generated"] == traffic["generated"], clean_traffic
+    # Without the proxy nothing fails but a slow answer.
+    assert set(retries_by_reason(clean_traffic)) <= {"timeout"} and clean_traffic.get("gave_up", 0) == 0, clean_traffic
+    assert clean_traffic["generated"] == traffic["generated"], clean_traffic
     assert "server traffic" in flaky_out and "retried: none" not in flaky_out
 
     # The key reached the server, and nothing else: not the shards, caches, run records or exports,

@@ -12,9 +12,9 @@ from pydantic import ValidationError
 
 from stepforge.schemas.ids import content_hash, node_id, normalize_step_text, problem_id
 from stepforge.schemas.records import Evaluation, Node, Problem, Record, Reject, Rollout, to_arrow
-from stepforge.stages.answers import gsm8k_gold_answer
-from stepforge.stages.importers import MATH_SHEPHERD_NOTE, processbench_reference
-from stepforge.stages.ingest import IngestConfig, run
+from stepforge.stages.rollout.answers import gsm8k_gold_answer
+from stepforge.stages.ingest.importers import MATH_SHEPHERD_NOTE, processbench_reference
+from stepforge.stages.ingest.sources import IngestConfig, run
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PROCESSBENCH = FIXTURES / "processbench_gsm8k_dev40.json"

@@ -12,7 +12,7 @@ import pytest
 
 from stepforge.schemas.ids import problem_id
 from stepforge.schemas.records import Problem, Reject
-from stepforge.stages.ingest import IngestConfig, run
+from stepforge.stages.ingest.sources import IngestConfig, run
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GSM8K_SAMPLE = FIXTURES / "gsm8k_sample.jsonl"
@@ -184,9 +184,41 @@ def test_json_lines_named_json(tmp_path: Path) -> None:
     assert [r.gold_answer for r in ingest(source)] == ["4", r"\frac34"]  # a byte-order mark is tolerated
 
 
+def test_control_characters_are_rejected_with_their_own_reason(tmp_path: Path) -> None:
+    rows = [
+        {"question": "What is 2 + 2?\x00", "answer": "#### 4"},  # NUL in the question
+        {"question": "What is 3 + 3?", "answer": "3 + 3 = \x1b[31m6\x1b[0m\n#### 6"},  # an ANSI escape in the answer
+        {"problem": "What is 4 + 4?", "answer": "8", "solution": "4 + 4\r= 8"},  # a lone carriage return
+        {"question": "What is\t5 + 5?\r\nExplain.", "answer": "5 + 5 = 10\n#### 10"},  # tab, newline, CRLF: text
+    ]
+    source = tmp_path / "controls.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    records = ingest(source)
+    assert [r.reason if isinstance(r, Reject) else "problem" for r in records] == [
+        "control_characters", "control_characters", "control_characters", "problem"
+    ]
+    assert "'question'" in records[0].detail and "U+0000" in records[0].detail
+    assert "'answer'" in records[1].detail and "U+001B" in records[1].detail
+    assert "'solution'" in records[2].detail and "U+000D" in records[2].detail
+    assert records[0].payload is not None and records[0].item == f"{source}#0"
+
+
+def test_imported_questions_with_control_characters_are_rejected(tmp_path: Path) -> None:
+    row = {"id": "c-1", "generator": "g", "problem": "What is 2 + 2?\x07", "steps": ["2 + 2 = 4"],
+           "final_answer_correct": True, "label": -1}
+    source = tmp_path / "processbench.jsonl"
+    source.write_text(json.dumps(row) + "\n")
+    (record,) = ingest(source, format="processbench")
+    assert isinstance(record, Reject) and record.reason == "control_characters" and "U+0007" in record.detail
+
+
 def test_config_errors_raise_before_the_first_row(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="ingest.source"):
         run(IngestConfig(source=str(tmp_path / "absent.jsonl")))
+    with pytest.raises(FileNotFoundError, match="ingest.source .* does not exist"):
+        run(IngestConfig(source=str(tmp_path / "data" / "absent")))  # a path, not a hub id: no hub lookup
+    with pytest.raises(FileNotFoundError, match="ingest.gold_source"):
+        run(IngestConfig(source=str(GSM8K_SAMPLE), format="processbench", gold_source=str(tmp_path / "gold.jsonl")))
     (tmp_path / "rows.csv").write_text("question,answer\n")
     with pytest.raises(ValueError, match="supported files"):
         run(IngestConfig(source=str(tmp_path / "rows.csv")))

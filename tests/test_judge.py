@@ -8,8 +8,8 @@ import pytest
 
 from stepforge.schemas.ids import node_id
 from stepforge.schemas.records import Evaluation, Problem, Reject
-from stepforge.stages import judge
-from stepforge.stages.judge import JudgeConfig, JudgementError, parse_critic, parse_stepwise, vote
+from stepforge.stages.verify import judge
+from stepforge.stages.verify.judge import JudgeConfig, JudgementError, parse_critic, parse_stepwise, vote
 from stepforge.stages.llm import GenerationClient
 from stepforge.stages.llm.base import Generation, GenerationRequest
 

@@ -1,6 +1,6 @@
 """The labeller is a config choice of the real flow: Prefect, Parquet shards, DuckDB, exports.
 
-Runs on the synthetic world (a measuring instrument with known answers; stages/llm/synthetic.py)
+Runs on the synthetic world (a measuring instrument with known answers; stages/instruments/synthetic.py)
 so the flow's labels can be checked against ground truth in seconds.
 """
 
@@ -13,7 +13,7 @@ import datasets
 import pytest
 
 from stepforge.flows.config import RunConfig
-from stepforge.stages.llm.synthetic import first_error, make_problems
+from stepforge.stages.instruments.synthetic import first_error, make_problems
 from stepforge.storage.catalog import Catalog
 
 

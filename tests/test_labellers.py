@@ -1,6 +1,6 @@
 """Each labeller's defining behaviour, on the synthetic world (whose right answers are known exactly).
 
-The synthetic world is a measuring instrument (stages/llm/synthetic.py), not a stand-in for a
+The synthetic world is a measuring instrument (stages/instruments/synthetic.py), not a stand-in for a
 model: its policy's mistakes and every prefix's true success probability are known in closed
 form, so a labeller's answers can be checked, not just run.
 """
@@ -16,18 +16,20 @@ from pathlib import Path
 
 import pytest
 
-from stepforge.flows import shards
+from stepforge.flows import runtime
 from stepforge.flows.config import RunConfig
 from stepforge.schemas.ids import node_id
 from stepforge.schemas.records import TABLES, Evaluation, Problem, Reject
-from stepforge.stages import binary_search, mc_label, mcts
-from stepforge.stages.answers import AnswerChecker
+from stepforge.stages.label import binary_search
+from stepforge.stages.label import mc_label
+from stepforge.stages.label import mcts
+from stepforge.stages.rollout.answers import AnswerChecker
 from stepforge.stages.llm import GenerationCache, GenerationClient
 from stepforge.stages.llm.base import GenerationRequest
-from stepforge.stages.llm.synthetic import SyntheticBackend, WorldConfig, first_error, make_problems, prefix_value
-from stepforge.stages.prompting import PromptConfig, SamplingConfig, build_request
-from stepforge.stages.search import AdaptiveConfig, ProblemSearch, seed_policy_rollouts, wilson_half_width
-from stepforge.stages.split import SplitConfig, split_steps
+from stepforge.stages.instruments.synthetic import SyntheticBackend, WorldConfig, first_error, make_problems, prefix_value
+from stepforge.stages.rollout.prompting import PromptConfig, SamplingConfig, build_request
+from stepforge.stages.label.search import AdaptiveConfig, ProblemSearch, seed_policy_rollouts, wilson_half_width
+from stepforge.stages.rollout.split import SplitConfig, split_steps
 from stepforge.stages.tree import TreeBuilder
 from stepforge.storage.catalog import Catalog
 
@@ -138,7 +140,7 @@ def run_labeller(labeller, problems, policy_rows, nodes, config, backend, checke
 
 def sample_policy(backend, problems, checker, n=4, seed=0):
     """Policy rollouts for the problems, through the real rollout stage."""
-    from stepforge.stages import rollout
+    from stepforge.stages.rollout import sampling as rollout
 
     config = rollout.RolloutConfig(samples_per_problem=n, sampling=SamplingConfig(temperature=1.0, max_tokens=400, seed=seed))
     records = list(rollout.run(problems, config, GenerationClient(backend), checker))
@@ -148,7 +150,7 @@ def sample_policy(backend, problems, checker, n=4, seed=0):
 
 
 def first_errors_from_labels(evaluations, consensus_policy, rollouts, nodes):
-    from stepforge.stages import consensus
+    from stepforge.stages.consensus import policy as consensus
 
     labels = {lab.node_id: lab.label for lab in consensus.run(evaluations, consensus.ConsensusConfig(policy=consensus_policy))}
     out = {}
@@ -339,15 +341,15 @@ def synthetic_config(tmp: Path, store: str, labeller: str) -> RunConfig:
     })
 
 
-def run_all(config: RunConfig, crash_after: int | None = None) -> shards.RunContext:
-    ctx = shards.RunContext(config)
+def run_all(config: RunConfig, crash_after: int | None = None) -> runtime.RunContext:
+    ctx = runtime.RunContext(config)
     if crash_after is not None:
         from stepforge.stages.llm import load_backend
 
         cache = GenerationCache(ctx.store.root / "cache" / "generations.sqlite")
-        ctx._client = GenerationClient(CrashAfter(load_backend(config.backend), crash_after), cache)
-    for problem_shard in shards.ingest_shards(ctx)[0]:
-        shards.run_chain(ctx, problem_shard)
+        ctx.clients["generation"] = GenerationClient(CrashAfter(load_backend(config.backend), crash_after), cache)
+    for problem_shard in runtime.ingest_shards(ctx)[0]:
+        runtime.run_chain(ctx, problem_shard)
     return ctx
 
 
@@ -412,7 +414,7 @@ class FailEvery:
 
 
 def test_failed_samples_become_generation_failed_rows_and_every_stage_goes_on(checker):
-    from stepforge.stages import rollout
+    from stepforge.stages.rollout import sampling as rollout
 
     backend = FailEvery(SyntheticBackend(WorldConfig(slip_rate=0.2, wrong_op_rate=0.1)), period=3)
     problems = [problem_from(row, i) for i, row in enumerate(make_problems(4, (3, 5), seed=6))]

@@ -6,8 +6,9 @@ import pytest
 
 from stepforge.schemas.ids import content_hash, node_id
 from stepforge.schemas.records import Pair, Problem, Reject
-from stepforge.stages import consensus, pairs
-from stepforge.stages.split import SplitConfig, join_prefix, split_steps
+from stepforge.stages.consensus import policy as consensus
+from stepforge.stages.pairs import step_pairs as pairs
+from stepforge.stages.rollout.split import SplitConfig, join_prefix, split_steps
 
 PROBLEM = Problem(problem_id="p", source="t", source_index=0, question="Q?", gold_answer="72")
 

@@ -128,8 +128,8 @@ def test_request_validation():
 
 
 def test_step_token_counts_come_from_the_generated_tokens(smollm_backend):
-    from stepforge.stages.answers import AnswerChecker
-    from stepforge.stages.split import SplitConfig
+    from stepforge.stages.rollout.answers import AnswerChecker
+    from stepforge.stages.rollout.split import SplitConfig
     from stepforge.stages.tree import PathPrefix, TreeBuilder
 
     out = generate(GenerationClient(smollm_backend), chat("List five animals, one per line.", max_tokens=40, seed=2))[0]

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from stepforge.stages.progress import progress_rewards, solve_rate
+from stepforge.stages.label.progress_rewards import progress_rewards, solve_rate
 
 
 def test_hand_example():

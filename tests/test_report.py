@@ -20,12 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from stepforge.flows import shards
+from stepforge.flows import runtime
 from stepforge.flows.artifacts import artifact_key_prefix, publish_artifacts
 from stepforge.flows.config import RunConfig
 from stepforge.flows.figures import run_figures
-from stepforge.flows.report import PLOTS, SIGNATURE_COLOURS, render_report, write_report
-from stepforge.stages.llm.synthetic import make_problems
+from stepforge.flows.report import PLOTS, render_report, write_report
+from stepforge.flows.report_charts import SIGNATURE_COLOURS
+from stepforge.stages.instruments.synthetic import make_problems
 from stepforge.storage.catalog import Catalog
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,13 +60,13 @@ def run_config(tmp: Path, source: Path, policy: str) -> RunConfig:
 
 def run_chains(config: RunConfig, record: bool) -> frozenset[str]:
     """Every chain of ``config`` without Prefect; their shard keys and the ingest rejects shard's."""
-    ctx = shards.RunContext(config)
+    ctx = runtime.RunContext(config)
     try:
-        problem_shards, reject_shard = shards.ingest_shards(ctx)
-        chains = [shards.run_chain(ctx, shard) for shard in problem_shards]
+        problem_shards, reject_shard = runtime.ingest_shards(ctx)
+        chains = [runtime.run_chain(ctx, shard) for shard in problem_shards]
         if record:
             as_dicts = [{slot: dataclasses.asdict(m) for slot, m in chain.items()} for chain in chains]
-            shards.record_run(ctx, "completed", traffic=shards.shard_traffic(as_dicts))
+            runtime.record_run(ctx, "completed", traffic=runtime.shard_traffic(as_dicts))
         return frozenset({m.shard for chain in chains for m in chain.values()} | {reject_shard.shard})
     finally:
         ctx.close()

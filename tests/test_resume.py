@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sqlite3
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import yaml
 
 from cli_runs import finish, start_run, table_rows
+from processes import kill_all, marked, wait_until_gone
 from stepforge.schemas.records import TABLES
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -53,6 +56,16 @@ def generation_record(store: Path) -> dict:
     return json.loads((store / "runs" / "resume.json").read_text())["generation"]
 
 
+def complete_shards_generation(store: Path) -> Counter:
+    """Sample counts summed over the store's complete shards, from their manifests: what a resumed
+    run never asks for again."""
+    counts: Counter = Counter()
+    for marker in (store / "markers").rglob("*.json"):
+        stats = (json.loads(marker.read_text()).get("stats") or {}).get("generation") or {}
+        counts.update({k: stats.get(k, 0) for k in ("samples", "generated", "cache_hits")})
+    return counts
+
+
 @pytest.mark.parametrize("labeller", ["mc", "binary_search", "mcts"])
 def test_sigkilled_run_resumes_to_identical_output_without_regenerating(tmp_path, labeller):
     finish(start_run(write_config(tmp_path, "whole", labeller), tmp_path))
@@ -60,7 +73,8 @@ def test_sigkilled_run_resumes_to_identical_output_without_regenerating(tmp_path
     total = generation_record(whole)["generated"]
     assert total == cached_samples(whole) and total > 6
 
-    victim = start_run(write_config(tmp_path, "killed", labeller), tmp_path)
+    mark = os.urandom(8).hex()  # inherited by everything the run starts (tests/processes.py)
+    victim = start_run(write_config(tmp_path, "killed", labeller), tmp_path, env={"STEPFORGE_TEST_RUN_MARK": mark})
     killed = tmp_path / "killed"
     deadline = time.monotonic() + 600
     while cached_samples(killed) < total // 2:
@@ -69,15 +83,25 @@ def test_sigkilled_run_resumes_to_identical_output_without_regenerating(tmp_path
         time.sleep(0.2)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
+    left = wait_until_gone(lambda: marked("STEPFORGE_TEST_RUN_MARK", mark), 30)
+    kill_all(left)  # so that a failure here leaves nothing running either
+    assert left == [], f"the killed run left processes behind: {left}"
     survived = cached_samples(killed)
     assert 0 < survived < total
     assert not (killed / "runs" / "resume.json").exists() or json.loads(
         (killed / "runs" / "resume.json").read_text())["status"] == "running"
+    done = complete_shards_generation(killed)  # shards finished before the kill, skipped by the resume
 
     finish(start_run(write_config(tmp_path, "killed", labeller), tmp_path))
-    resumed = generation_record(killed)
+    resumed, uninterrupted = generation_record(killed), generation_record(whole)
+    # Wherever the kill landed (inside a shard or between two): the resumed run asks for the samples of
+    # the shards that were not complete, generates only those the cache lacks, and replays the rest:
+    # the samples the killed run had committed but not yet written into a complete shard, and the
+    # repeats within those shards that an uninterrupted run replays too.
     assert resumed["generated"] == total - survived, "every sample generated before the kill is replayed, not redone"
-    assert resumed["cache_hits"] > 0, "the interrupted shard replays its cached samples"
+    assert resumed["samples"] == uninterrupted["samples"] - done["samples"], (resumed, uninterrupted, done)
+    assert resumed["cache_hits"] == (survived - done["generated"]) + (uninterrupted["cache_hits"] - done["cache_hits"]), (
+        resumed, uninterrupted, done, survived)
 
     whole_rows, resumed_rows = table_rows(whole), table_rows(killed)
     for table in TABLES:

@@ -18,12 +18,13 @@ import pytest
 
 from label_studio import create_annotator, label_studio_fixture  # noqa: F401
 from stored_runs import store_run
-from stepforge.flows import shards
+from stepforge.flows import runtime
 from stepforge.flows.backfill import backfill_run
 from stepforge.flows.config import RunConfig
-from stepforge.flows.review import ReviewError, connect, pull, push, status, webhook_app
+from stepforge.flows.review import ReviewError, connect, pull, push, status
+from stepforge.flows.review_webhook import webhook_app
 from stepforge.flows.secrets import SecretError
-from stepforge.stages.review import item_id
+from stepforge.stages.review.annotations import item_id
 from stepforge.storage.catalog import Catalog
 
 pytestmark = pytest.mark.slow  # a Label Studio server: ~30 s to start on a fresh data dir
@@ -32,7 +33,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 TOKEN_ENV = "STEPFORGE_TEST_LS_TOKEN"
 
 
-def make_run(store: Path, server, project: str, run: str = "rev", **review) -> shards.RunContext:
+def make_run(store: Path, server, project: str, run: str = "rev", **review) -> runtime.RunContext:
     """A labelled run whose record carries the review settings (as a user's config would)."""
     cfg = RunConfig.model_validate({
         "run": run, "store": str(store), "labeller": "none", "shard_size": 2,
@@ -91,7 +92,7 @@ def test_push_sends_selected_trajectories_once_with_the_automatic_labels_as_pred
     tasks = tasks_of(client, first["project_id"])
     assert len(tasks) == first["selected"]
     assert len({t["data"]["item_id"] for t in tasks}) == len(tasks)
-    items = shards.review_items(ctx)
+    items = ctx.review_items()
     assert sorted(i["task_id"] for i in items) == sorted(t["id"] for t in tasks), "every task is recorded once"
     labels = {r["node_id"]: r for r in ctx.store.read_rows("labels", ctx.store.manifests(ctx.run, "consensus"))}
     task = tasks[0]
@@ -124,7 +125,7 @@ def test_pulled_labels_override_consensus_reach_the_export_and_edits_replace_the
     pulled = pull(ctx)
     assert pulled["new_step_labels"] == 2 and pulled["rejected_annotations"] == 0
     assert pull(ctx)["new_step_labels"] == 0, "a second pull stores nothing again"
-    human = {r["node_id"]: r for r in shards.human_review_rows(ctx)}
+    human = {r["node_id"]: r for r in ctx.human_review_rows()}
     row = human[steps[0]["node_id"]]
     meta = json.loads(row["meta"])
     assert row["source"] == "human" and row["verdict"] == {"correct": 1, "incorrect": -1}[new_choice]
@@ -136,7 +137,7 @@ def test_pulled_labels_override_consensus_reach_the_export_and_edits_replace_the
     assert changed["written"]["consensus"] == 1, "only the reviewed problem's shard is re-labelled"
     assert changed["labels"]["changed"] + changed["labels"]["added"] >= 1
     labels = {r["node_id"]: r for r in ctx.store.read_rows("labels", [
-        c["consensus"] for c in shards.completed_chains(shards.RunContext(shards.load_run_config(tmp_path, ctx.run)))[0]])}
+        c["labels"] for c in runtime.completed_chains(runtime.RunContext(runtime.load_run_config(tmp_path, ctx.run)))[0]])}
     label = labels[steps[0]["node_id"]]
     assert label["label"] == row["verdict"] and label["sources"] == "human" and label["confidence"] == 1.0
     export = pq.read_table(tmp_path / "export" / "prm_stepwise.parquet").to_pylist()
@@ -150,7 +151,7 @@ def test_pulled_labels_override_consensus_reach_the_export_and_edits_replace_the
     reader.annotations.update(id=annotation.id, result=[choice(0, steps[0]["automatic"] if steps[0]["automatic"]
                                                                 in ("correct", "incorrect") else "correct")])
     assert pull(ctx)["new_step_labels"] == 1
-    rows = [r for r in shards.human_review_rows(ctx) if json.loads(r["meta"])["annotation_id"] == annotation.id]
+    rows = [r for r in ctx.human_review_rows() if json.loads(r["meta"])["annotation_id"] == annotation.id]
     assert [r["node_id"] for r in rows] == [steps[0]["node_id"]], "step 2's label went with the edit"
     with Catalog(tmp_path) as catalog:
         catalog.refresh(run=ctx.run)
@@ -176,8 +177,8 @@ def test_several_annotators_give_agreement_statistics_and_flag_conflicts(label_s
     assert conflict["votes"] == {annotators[0]["email"]: "incorrect", annotators[1]["email"]: "correct"}
     assert report["automatic_vs_human"]["audit"]["steps"] == report["automatic_vs_human"]["all"]["steps"] >= 2
     backfill_run(tmp_path, ctx.run)
-    ctx2 = shards.RunContext(shards.load_run_config(tmp_path, ctx.run))
-    labels = {r["node_id"]: r for r in ctx2.store.read_rows("labels", [c["consensus"] for c in shards.completed_chains(ctx2)[0]])}
+    ctx2 = runtime.RunContext(runtime.load_run_config(tmp_path, ctx.run))
+    labels = {r["node_id"]: r for r in ctx2.store.read_rows("labels", [c["labels"] for c in runtime.completed_chains(ctx2)[0]])}
     split = labels[conflict["node_id"]]
     assert split["label"] == -1 and split["confidence"] == 0.5 and "annotators disagree" in split["reason"]
 
@@ -224,11 +225,11 @@ def test_label_studio_killed_mid_pull_loses_nothing_and_a_rerun_completes(label_
             pull(ctx, on_page=die_after_first_page)
     finally:
         label_studio.restart()
-    kept = shards.human_review_rows(ctx)
+    kept = ctx.human_review_rows()
     assert 0 < len(kept) < expected, "the finished page is stored"
     resumed = pull(ctx)
     assert resumed["new_step_labels"] == expected - len(kept)
-    rows = shards.human_review_rows(ctx)
+    rows = ctx.human_review_rows()
     assert len(rows) == expected and len({r["evaluation_id"] for r in rows}) == expected, "none lost, none twice"
     with Catalog(tmp_path) as catalog:
         catalog.refresh(run=ctx.run)
@@ -253,7 +254,7 @@ def test_a_webhook_from_label_studio_triggers_a_pull(label_studio, token, annota
             time.sleep(0.2)
     assert app.state.puller.errors == []
     assert app.state.puller.results and app.state.puller.results[0]["new_step_labels"] == 1
-    (row,) = shards.human_review_rows(ctx)
+    (row,) = ctx.human_review_rows()
     assert row["node_id"] == task["data"]["steps"][0]["node_id"] and row["verdict"] == -1
 
 
@@ -263,7 +264,7 @@ def test_the_token_stays_out_of_configs_shards_logs_and_flow_parameters(label_st
 
     ctx = make_run(tmp_path, label_studio, unique("secret"), policies=["audit"], audit_rate=1.0, max_items=1)
     push(ctx)
-    (task,) = tasks_of(connect(ctx.config.review), shards.review_items(ctx)[0]["project_id"])
+    (task,) = tasks_of(connect(ctx.config.review), ctx.review_items()[0]["project_id"])
     annotate(label_studio, annotators[0], task["id"], [choice(0, "correct")])
     pull(ctx)
     backfill_run(tmp_path, ctx.run)
@@ -297,7 +298,7 @@ def test_review_pull_flow_pulls_and_relabels(prefect_harness, label_studio, toke
 
     ctx = make_run(tmp_path, label_studio, unique("flow"), policies=["audit"], audit_rate=1.0, max_items=1)
     push(ctx)
-    item = shards.review_items(ctx)[0]
+    item = ctx.review_items()[0]
     annotate(label_studio, annotators[0], item["task_id"], [choice(0, "incorrect")])
     summary = review_pull(run=ctx.run, store=str(tmp_path))
     assert summary["new_step_labels"] == 1
@@ -318,7 +319,7 @@ def test_the_cli_pushes_pulls_and_reports(label_studio, token, annotators, tmp_p
     assert pushed.exit_code == 0, pushed.output
     said = " ".join(pushed.output.split())  # rich wraps long lines
     assert "1 trajectories pushed (audit 1); 0 already in the project; 2 left for the next push" in said
-    item = shards.review_items(ctx)[0]
+    item = ctx.review_items()[0]
     annotate(label_studio, annotators[0], item["task_id"], [choice(0, "incorrect")])
     annotate(label_studio, annotators[1], item["task_id"], [choice(0, "correct")])
     pulled = runner.invoke(app, ["review", "pull", ctx.run, "--store", str(tmp_path)])

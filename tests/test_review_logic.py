@@ -7,9 +7,9 @@ import json
 import pytest
 
 from stepforge.schemas.records import Reject
-from stepforge.stages import consensus
-from stepforge.stages.consensus import ConsensusConfig
-from stepforge.stages.review import (
+from stepforge.stages.consensus import policy as consensus
+from stepforge.stages.consensus.policy import ConsensusConfig
+from stepforge.stages.review.annotations import (
     AnnotationError,
     Candidate,
     ReviewConfig,

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 from label_studio import create_annotator, label_studio_fixture, wait_port_closed  # noqa: F401
-from stepforge.flows import review_server
+from stepforge.flows import label_studio_venv, review_server
 from stepforge.flows.review_server import (
     LABEL_STUDIO_VERSION,
     LabelStudioServer,
@@ -255,7 +255,7 @@ def test_bad_credentials_refused_before_start(nothing_starts, tmp_path):
 
 def test_ensure_is_idempotent_and_rebuilds_other_versions(monkeypatch, tmp_path):
     builds = []
-    monkeypatch.setattr(review_server, "_build_venv", lambda venv, python: builds.append(venv))
+    monkeypatch.setattr(label_studio_venv, "_build_venv", lambda venv, python: builds.append(venv))
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
     (venv / "bin" / "label-studio").write_text("")
@@ -265,7 +265,7 @@ def test_ensure_is_idempotent_and_rebuilds_other_versions(monkeypatch, tmp_path)
     ensure_label_studio(venv)
     assert builds == [venv]
     monkeypatch.setenv("STEPFORGE_LABEL_STUDIO_VENV", str(venv))
-    assert review_server.default_venv() == venv
+    assert label_studio_venv.default_venv() == venv
 
 
 def test_build_refuses_to_replace_a_non_venv_directory(tmp_path):
@@ -273,10 +273,10 @@ def test_build_refuses_to_replace_a_non_venv_directory(tmp_path):
     keep.mkdir()
     (keep / "notes.txt").write_text("mine")
     with pytest.raises(review_server.LabelStudioError, match="not a virtual environment"):
-        review_server._build_venv(keep, "python3")
+        label_studio_venv._build_venv(keep, "python3")
     assert (keep / "notes.txt").read_text() == "mine"
 
 
 def test_lock_file_ships_and_pins_label_studio():
-    lock = review_server.lock_file()
+    lock = label_studio_venv.lock_file()
     assert f"label-studio=={LABEL_STUDIO_VERSION}\n" in lock.read_text()

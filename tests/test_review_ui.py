@@ -21,10 +21,10 @@ import pytest
 from label_studio import create_annotator, label_studio_fixture  # noqa: F401
 from PIL import Image
 from playwright.sync_api import Locator, Page, expect, sync_playwright
-from stepforge.flows import shards
+from stepforge.flows import runtime
 from stepforge.flows.config import RunConfig
 from stepforge.flows.review import pull, push
-from stepforge.stages.review import ReviewConfig
+from stepforge.stages.review.annotations import ReviewConfig
 from stored_runs import processbench_config, store_run
 from test_report import find_chromium
 
@@ -78,11 +78,11 @@ def test_annotator_changes_a_step_label_in_the_browser_and_pull_stores_it(label_
     chromium = find_chromium()
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", label_studio.token)
     cfg = make_run(tmp_path / "store", label_studio, f"stepforge ui {os.urandom(4).hex()}")
-    ctx = shards.RunContext(cfg)
+    ctx = runtime.RunContext(cfg)
     try:
         pushed = push(ctx)
         assert pushed["pushed"] == 1 and pushed["by_reason"] == {"sql": 1}, pushed
-        [item] = shards.review_items(ctx)
+        [item] = ctx.review_items()
         project_id, task_id = int(item["project_id"]), int(item["task_id"])
         with httpx.Client(base_url=label_studio.url, headers=label_studio.headers, timeout=30, trust_env=False) as api:
             project = api.get(f"/api/projects/{project_id}").json()
@@ -171,7 +171,7 @@ def test_annotator_changes_a_step_label_in_the_browser_and_pull_stores_it(label_
 
         summary = pull(ctx)
         assert summary["rejected_annotations"] == 0 and summary["new_step_labels"] >= 1, summary
-        human = {row["node_id"]: row for row in shards.human_review_rows(ctx)}
+        human = {row["node_id"]: row for row in ctx.human_review_rows()}
         row = human[step["node_id"]]
         meta = json.loads(row["meta"])
         assert row["source"] == "human" and row["verdict"] == -1 and row["successes"] == 0

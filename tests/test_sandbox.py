@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from stepforge.stages.sandbox import (
+from stepforge.stages.tools.sandbox import (
     NOBODY,
     SandboxLimits,
     SandboxResult,

@@ -10,10 +10,10 @@ import random
 import pytest
 
 from stepforge.schemas.ids import node_id
-from stepforge.stages.answers import AnswerChecker
+from stepforge.stages.rollout.answers import AnswerChecker
 from stepforge.stages.llm.base import Generation, GenerationRequest
-from stepforge.stages.prompting import PromptConfig, SamplingConfig, build_request
-from stepforge.stages.split import SplitConfig, join_prefix, split_by_confidence, split_steps
+from stepforge.stages.rollout.prompting import PromptConfig, SamplingConfig, build_request
+from stepforge.stages.rollout.split import SplitConfig, join_prefix, split_by_confidence, split_steps
 from stepforge.stages.tree import PathPrefix, TreeBuilder
 
 SURE, UNSURE = math.log(0.95), math.log(0.3)

@@ -20,11 +20,11 @@ from pydantic import ValidationError
 
 from asgi_server import serving
 from stepforge.schemas.records import Problem as ProblemRecord
-from stepforge.stages.answers import extract_final_answer, gsm8k_gold_answer
-from stepforge.stages.ingest import IngestConfig
-from stepforge.stages.ingest import run as ingest
+from stepforge.stages.rollout.answers import extract_final_answer, gsm8k_gold_answer
+from stepforge.stages.ingest.sources import IngestConfig
+from stepforge.stages.ingest.sources import run as ingest
 from stepforge.stages.llm.base import GenerationClient, GenerationRequest
-from stepforge.stages.llm.synthetic import (
+from stepforge.stages.instruments.synthetic import (
     SyntheticBackend,
     WorldConfig,
     choice_seed,
@@ -36,7 +36,7 @@ from stepforge.stages.llm.synthetic import (
     step_truths,
     tokenize,
 )
-from stepforge.stages.split import SplitConfig, split_steps
+from stepforge.stages.rollout.split import SplitConfig, split_steps
 
 TEMPLATE = "{question}\n\nSolve it step by step. Separate the steps with a blank line. End with \\boxed{{}}."
 EQUATION = re.compile(r"(-?\d+) ([-+*]) (\d+) = (-?\d+)")
@@ -135,7 +135,7 @@ def test_problems_ingest_as_gsm8k_rows(tmp_path: Path) -> None:
 
 def test_cli_writes_the_same_problems() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "stepforge.stages.llm.synthetic", "problems", "--n", "6", "--steps", "3-6", "--seed", "2"],
+        [sys.executable, "-m", "stepforge.stages.instruments.synthetic", "problems", "--n", "6", "--steps", "3-6", "--seed", "2"],
         capture_output=True, text=True, check=True, timeout=120,
     ).stdout
     assert [json.loads(line) for line in out.splitlines()] == make_problems(6, (3, 6), seed=2)

@@ -6,10 +6,10 @@ import json
 
 from stepforge.schemas.ids import node_id
 from stepforge.schemas.records import Evaluation, Problem, Reject
-from stepforge.stages import tool_verify
-from stepforge.stages.answers import AnswerChecker
-from stepforge.stages.sandbox import SandboxLimits
-from stepforge.stages.tool_verify import ToolConfig
+from stepforge.stages.verify import math_checks as tool_verify
+from stepforge.stages.rollout.answers import AnswerChecker
+from stepforge.stages.tools.sandbox import SandboxLimits
+from stepforge.stages.verify.math_checks import ToolConfig
 
 PROBLEM = Problem(problem_id="p", source="t", source_index=0, question="q", gold_answer="14")
 

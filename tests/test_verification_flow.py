@@ -19,7 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from stepforge.flows.config import RunConfig
-from stepforge.stages.llm.synthetic import make_problems, step_truths
+from stepforge.stages.instruments.synthetic import make_problems, step_truths
 from stepforge.storage.catalog import Catalog
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -153,7 +153,10 @@ def test_the_judge_runs_in_the_flow_on_the_real_model(prefect_harness, tmp_path)
 
 
 def test_the_judge_model_can_differ_from_the_policy_model(tmp_path):
-    from stepforge.flows.shards import RunContext, verify_key
+    from stepforge.flows.runtime import RunContext, chain_keys
+
+    def verify_key(ctx, problem_shard):
+        return chain_keys(ctx, problem_shard)["verification"]
 
     source = tmp_path / "problems.jsonl"
     source.write_text(json.dumps(make_problems(1, 2, seed=1)[0]) + "\n")
@@ -163,8 +166,8 @@ def test_the_judge_model_can_differ_from_the_policy_model(tmp_path):
     assert separate.judge_client() is not separate.client()
     assert separate.judge_client().model_id != separate.client().model_id
     assert shared.judge_client() is shared.client()
-    assert verify_key(separate, "label-shard") != verify_key(shared, "label-shard"), "the judge model keys its evidence"
+    assert verify_key(separate, "problem-shard") != verify_key(shared, "problem-shard"), "the judge model keys its evidence"
     tool_only = [RunContext(world_config(tmp_path, source, verify={"sources": ["tool"], **extra}))
                  for extra in ({}, {"judge_backend": judge_backend})]
-    assert verify_key(tool_only[0], "label-shard") == verify_key(tool_only[1], "label-shard")
-    assert tool_only[1]._judge_client is None, "a tool-only run never loads the judge's model"
+    assert verify_key(tool_only[0], "problem-shard") == verify_key(tool_only[1], "problem-shard")
+    assert not tool_only[1].clients, "a tool-only run never loads the judge's model (nor, for keys, the policy's)"

@@ -16,7 +16,7 @@ from stepforge.stages.llm.base import (
 )
 from stepforge.stages.llm.cache import GenerationCache
 from stepforge.stages.llm.openai_http import HttpConfig, http_model_id
-from stepforge.stages.llm.synthetic import WorldConfig
+from stepforge.stages.instruments.world import WorldConfig
 
 DEFAULT_MAX_IN_FLIGHT = {"llamacpp": 64, "synthetic": 64, "openai": 256, "vllm": 4096}
 
@@ -87,7 +87,7 @@ def load_backend(config: BackendConfig) -> Backend:
     if config in _LOADED:
         return _LOADED[config]
     if config.kind == "synthetic":
-        from stepforge.stages.llm.synthetic import SyntheticBackend
+        from stepforge.stages.instruments.synthetic import SyntheticBackend
 
         backend = SyntheticBackend(config.world)
         backend.max_in_flight = config.in_flight

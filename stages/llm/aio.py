@@ -1,9 +1,9 @@
 """Drive per-item async labelling logic from a plain generator.
 
-Stages expose generator ``run`` functions (DESIGN §3). Their LLM work is async so that every
-item's requests are outstanding at once; this bridge runs all items concurrently on a
-private event loop and yields their results in input order, so output is deterministic
-however the engine schedules the work.
+A stage's ``run`` is a plain generator of records (the stage contract, ``stages/base.py``).
+Its LLM work is async so that every item's requests are outstanding at once; this bridge runs
+all items concurrently on a private event loop and yields their results in input order, so
+output is deterministic however the engine schedules the work.
 """
 
 from __future__ import annotations

@@ -1,0 +1,158 @@
+"""What the stages of one run share in one process: the config, the store, the model clients, the checker.
+
+A ``RunContext`` is the ``Context`` of the stage contract (``stages.base``): stages ask it for
+clients (loaded on first use, so a stage that needs no model never loads one), for the engine
+identity that enters keys (named, never loaded), for the run's human review evidence, and for a
+progress bar. It is opened once per process and run config, and closed at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stepforge.flows.config import RunConfig
+from stepforge.flows.progress import reporter
+from stepforge.flows.runtime.registry import INGEST, Chain, chain_for
+from stepforge.stages.llm import BackendConfig, GenerationCache, GenerationClient, backend_model_id, load_backend
+from stepforge.stages.review import annotations as review
+from stepforge.stages.rollout.answers import AnswerChecker
+from stepforge.storage.runs import load_run_record
+from stepforge.storage.shards import ShardStore
+
+
+def load_run_config(store: str | Path, run: str, record: dict | None = None) -> RunConfig:
+    """The config a run was last made with (its record under ``<store>/runs``), with ``store`` as given:
+    a store copied or moved elsewhere is read where it is now, never where it was made, and an export
+    directory that lay inside the old store moves with it."""
+    data = dict((record or load_run_record(store, run))["config"])
+    made_in, export = Path(data.get("store") or "."), dict(data.get("export") or {})
+    if export.get("out_dir") and Path(export["out_dir"]).is_relative_to(made_in):
+        export["out_dir"] = str(Path(store) / Path(export["out_dir"]).relative_to(made_in))
+        data["export"] = export
+    return RunConfig.model_validate({**data, "store": str(store)})
+
+
+@contextlib.contextmanager
+def open_run(store: str | Path, run: str) -> Iterator["RunContext"]:
+    """The RunContext of a stored run (its recorded config), closed when the block ends."""
+    ctx = RunContext(load_run_config(Path(store), run))
+    try:
+        yield ctx
+    finally:
+        ctx.close()
+
+
+@dataclass
+class RunContext:
+    config: RunConfig
+    store: ShardStore = field(init=False)
+    checker: AnswerChecker = field(default_factory=AnswerChecker)
+    clients: dict[str, GenerationClient] = field(default_factory=dict)
+    """Loaded clients by role: ``generation`` (policy), ``judge_generation``, ``writer_generation``."""
+    _review: tuple[tuple[str, ...], dict[str, list[dict]]] | None = None
+
+    CLIENT_ROLES = ("generation", "judge_generation", "writer_generation")
+
+    def __post_init__(self) -> None:
+        self.store = ShardStore(self.config.store)
+
+    @functools.cached_property
+    def chain(self) -> Chain:
+        """The run's chain: its slots in order and the stage the config chooses for each."""
+        return chain_for(self.config)
+
+    @property
+    def run(self) -> str:
+        return self.config.run
+
+    @property
+    def model_id(self) -> str:
+        return backend_model_id(self.config.backend)
+
+    def engine(self, backend: BackendConfig | None = None) -> tuple[str, int]:
+        """What of an engine shapes a shard's rows: the weights and the context size (what fits)."""
+        backend = backend or self.config.backend
+        return backend_model_id(backend), backend.n_ctx
+
+    # -- clients: one per distinct backend; one cache file (keys include the model id) --------
+    def _client(self, role: str, backend: BackendConfig) -> GenerationClient:
+        # A backend serves under the first role that uses it: a judge on the policy's model is the
+        # policy's client (one model in memory), and its traffic counts as the policy's, as before.
+        role = next(r for r in self.CLIENT_ROLES if self._backend_of(r) == backend)
+        if role not in self.clients:
+            self.clients[role] = GenerationClient(load_backend(backend), self._cache())
+        return self.clients[role]
+
+    def _backend_of(self, role: str) -> BackendConfig:
+        return {"generation": self.config.backend, "judge_generation": self.judge_backend(),
+                "writer_generation": self.writer_backend()}[role]
+
+    def client(self) -> GenerationClient:
+        return self._client("generation", self.config.backend)
+
+    def judge_backend(self) -> BackendConfig:
+        return self.config.verify.judge_backend or self.config.backend
+
+    def judge_client(self) -> GenerationClient:
+        """The judge's client: the policy's, unless ``verify.judge_backend`` names another model."""
+        return self._client("judge_generation", self.judge_backend())
+
+    def writer_backend(self) -> BackendConfig:
+        """The reasoning writer's backend config: augment_backend, else the judge's, else the policy's."""
+        return self.config.augment_backend or self.config.verify.judge_backend or self.config.backend
+
+    def writer_client(self) -> GenerationClient:
+        return self._client("writer_generation", self.writer_backend())
+
+    def counters(self) -> dict[str, dict]:
+        """Each loaded client's counters, by the role it serves under."""
+        return {role: client.counters() for role, client in self.clients.items()}
+
+    def _cache(self) -> GenerationCache:
+        return GenerationCache(self.store.root / "cache" / "generations.sqlite")
+
+    # -- progress --------------------------------------------------------------------------
+    def track(self, label: str, total: int) -> contextlib.AbstractContextManager[Callable[[int], None]]:
+        return reporter().track(label, total)
+
+    # -- human review evidence -------------------------------------------------------------
+    def human_review(self) -> dict[str, list[dict]]:
+        """problem_id → the run's human review evidence as it stands (each annotation's latest version),
+        re-read whenever a pull has written a review shard since the last call."""
+        manifests = self.store.manifests(self.run, review.STAGE)
+        version = tuple(m.shard for m in manifests)
+        if self._review is None or self._review[0] != version:
+            by_problem: dict[str, list[dict]] = {}
+            for row in review.latest(self.store.read_rows("evaluations", manifests)):
+                by_problem.setdefault(row["problem_id"], []).append(row)
+            self._review = (version, by_problem)
+        return self._review[1]
+
+    def human_review_rows(self) -> list[dict]:
+        return [row for rows in self.human_review().values() for row in rows]
+
+    def human_evidence(self, problem_shard: str) -> list[dict]:
+        """The human review evidence on the problems of one problem shard."""
+        evidence = self.human_review()
+        if not evidence:
+            return []
+        manifest = self.store.manifest(self.run, INGEST, problem_shard)
+        if manifest is None:
+            return []
+        problem_ids = self.store.read("problems", [manifest]).column("problem_id").to_pylist()
+        return [row for pid in sorted(set(problem_ids)) for row in evidence.get(pid, [])]
+
+    def review_items(self) -> list[dict]:
+        """Every trajectory pushed to review (first push wins for an item recorded twice)."""
+        rows = self.store.read_rows("review_items", self.store.manifests(self.run, review.STAGE))
+        first: dict[str, dict] = {}
+        for row in sorted(rows, key=lambda r: r["pushed_at"]):
+            first.setdefault(row["item_id"], row)
+        return list(first.values())
+
+    def close(self) -> None:
+        self.checker.close()

@@ -1,0 +1,1 @@
+"""Agent trajectories: what a step is, WebSTAR step filtering, reasoning augmentation, agent step pairs."""

@@ -1,0 +1,222 @@
+"""Step-level preference pairs for agents: a wrong action vs a better one from the same context.
+
+For each step of an agent trajectory that consensus labels -1, the policy samples
+``alternatives`` actions from the same context (the tools are described in the system message;
+calls are read back from ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``, the format
+Qwen's and Hermes' chat templates use). The rubric judge (``stages.verify.agent_judge``) grades each
+alternative in that context, without a result (it was never executed). The best alternative
+whose score reaches the judge's ``good_score`` becomes the chosen side; the wrong step's action
+is the rejected side (Step-DPO's rule: same prefix, first the error, then a correct next step).
+
+Written: the alternatives as nodes (origin ``alternative``, under the wrong step's parent), their
+grades as ``judge`` evaluations, and ``Pair`` rows of kind ``agent_step`` whose ``prompt`` is the
+JSON list of context messages and whose ``chosen`` / ``rejected`` are the JSON assistant messages
+(the export turns them into TRL's conversational preference format). A wrong step with no
+alternative good enough is a ``no_better_action`` reject; at most ``max_pairs_per_problem``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from stepforge.schemas.ids import content_hash, node_id
+from stepforge.schemas.records import Node, Pair, Problem, Record, Reject
+from stepforge.stages.agent import trajectory as agent
+from stepforge.stages.verify.agent_judge import AgentJudgeConfig, evaluation_of, grade_step
+from stepforge.stages.verify.judging import structured_output
+from stepforge.stages.llm.aio import run_in_order
+from stepforge.stages.llm.base import GenerationClient, GenerationRequest
+from stepforge.stages.tree import StepTree, failed_generation
+
+STAGE = "agent_pairs"
+VERSION = 1
+PAIR_KIND = "agent_step"
+
+TOOL_INSTRUCTIONS = (
+    "\n\nYou can call these tools:\n{tools}\n\nTo call a tool, write <tool_call>{{\"name\": <tool name>, "
+    "\"arguments\": <JSON object>}}</tool_call>. When you know the final answer, write it inside <answer></answer>."
+)
+_TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+
+
+class AgentPairsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(default=False, description="Sample better actions at wrong agent steps and pair them.")
+    alternatives: int = Field(default=4, ge=1, description="Actions sampled from the policy per wrong step.")
+    temperature: float = Field(default=0.8, gt=0.0, le=2.0, description="Sampling temperature of the alternatives.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass of the alternatives.")
+    max_tokens: int = Field(default=256, ge=16, description="Generation budget of one alternative action.")
+    seed: int = Field(default=0, description="Seed of the alternatives.")
+    max_pairs_per_problem: int = Field(default=4, ge=1, description="At most this many pairs per task.")
+
+
+def policy_messages(agent_info: Mapping[str, Any], context: list[dict]) -> tuple[tuple[str, str], ...]:
+    """The context as plain chat turns any chat template renders: tool calls written inline,
+    tool results folded into user turns (``<tool_response>``), the tools described in the system turn."""
+    tools = [t.get("function", t) for t in agent_info.get("tools", []) if isinstance(t, Mapping)]
+    turns: list[list[str]] = []
+
+    def add(role: str, text: str) -> None:
+        if turns and turns[-1][0] == role:
+            turns[-1][1] += "\n\n" + text
+        else:
+            turns.append([role, text])
+
+    system = next((m["content"] for m in context if m["role"] == "system"), "You are a helpful assistant.")
+    add("system", system + (TOOL_INSTRUCTIONS.format(tools=json.dumps(tools, ensure_ascii=False)) if tools else ""))
+    for message in context:
+        role = message["role"]
+        if role == "system":
+            continue
+        if role == "assistant":
+            calls = "".join(
+                f"<tool_call>{json.dumps({'name': c.name, 'arguments': _json_or_text(c.arguments)}, ensure_ascii=False)}</tool_call>"
+                for c in agent.tool_calls(message)
+            )
+            add("assistant", ((message.get("content") or "") + calls).strip() or "(no action)")
+        elif role == "tool":
+            add("user", f"<tool_response>\n{message.get('content') or ''}\n</tool_response>")
+        else:
+            add("user", message.get("content") or "")
+    return tuple((role, text) for role, text in turns)
+
+
+def _json_or_text(arguments: str) -> Any:
+    try:
+        return json.loads(arguments)
+    except json.JSONDecodeError:
+        return arguments
+
+
+def parse_action(text: str) -> dict[str, Any]:
+    """An assistant message from generated text: ``<tool_call>`` blocks become tool calls (an
+    unreadable block stays a call with its raw text as arguments, for the checks to flag)."""
+    calls = []
+    for k, block in enumerate(_TOOL_CALL.findall(text)):
+        try:
+            parsed = json.loads(block)
+        except json.JSONDecodeError:
+            parsed = None
+        if isinstance(parsed, dict) and isinstance(parsed.get("name"), str):
+            arguments = parsed.get("arguments", {})
+            arguments = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False, sort_keys=True)
+            calls.append({"id": f"alt_{k}", "type": "function", "function": {"name": parsed["name"], "arguments": arguments}})
+    content = _TOOL_CALL.sub("", text).strip()
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
+def run(
+    problems: Iterable[Problem],
+    rollouts: Iterable[dict],
+    nodes: Iterable[dict],
+    labels: Iterable[dict],
+    config: AgentPairsConfig,
+    judge_config: AgentJudgeConfig,
+    policy: GenerationClient,
+    judge: GenerationClient,
+) -> Iterator[Record]:
+    """Alternative nodes, their grades, pairs and rejects, problem by problem."""
+    tasks = [p for p in problems if agent.is_agent_problem(p)]
+    tree = StepTree(nodes)
+    label_of = {label["node_id"]: label for label in labels}
+    structured = structured_output(judge_config, judge)
+    wrong: dict[str, list[str]] = {}
+    for rollout in sorted(rollouts, key=lambda r: (r["sample_index"], r["rollout_id"])):
+        if rollout["origin"] != "policy":
+            continue
+        for nid in rollout["node_ids"]:
+            label = label_of.get(nid)
+            if label is not None and label["label"] == -1 and nid in tree:
+                found = wrong.setdefault(rollout["problem_id"], [])
+                if nid not in found:
+                    found.append(nid)
+
+    async def pairs_for(problem: Problem) -> list[Record]:
+        info = agent.agent_meta(problem.meta) or {}
+        steps = wrong.get(problem.problem_id, [])[: config.max_pairs_per_problem]
+        parts = await asyncio.gather(*(_pair_at(problem, info, nid) for nid in steps))
+        return [r for part in parts for r in part]
+
+    async def _pair_at(problem: Problem, info: Mapping[str, Any], nid: str) -> list[Record]:
+        node = tree.nodes[nid]
+        above = tree.above(nid)
+        context = agent.context_messages(info, tree.texts(above))
+        request = GenerationRequest(
+            messages=policy_messages(info, context), n=config.alternatives, temperature=config.temperature,
+            top_p=config.top_p, max_tokens=config.max_tokens, seed=config.seed,
+        )
+        rejected_action = agent.action_of(node["text"])
+        records: list[Record] = []
+        candidates = []
+        for index, result in enumerate(await policy.generate_each(request)):
+            if (failed := failed_generation(STAGE, f"{nid}#{index}", result)) is not None:
+                records.append(failed)
+                continue
+            action = parse_action(result.text)
+            if not action["content"] and not action.get("tool_calls"):
+                records.append(Reject(stage=STAGE, item=f"{nid}#{index}", reason="empty_action", detail="no text, no call"))
+                continue
+            if _same_action(action, rejected_action):
+                continue  # the policy repeated the wrong action: no pair in it
+            text = agent.step_text([action])
+            alt_id = node_id(problem.problem_id, node["parent_id"], text)
+            if any(c[0] == alt_id for c in candidates):
+                continue
+            records.append(
+                Node(node_id=alt_id, problem_id=problem.problem_id, parent_id=node["parent_id"], depth=node["depth"],
+                     text=text, origin="alternative", num_tokens=result.num_tokens)
+            )
+            candidates.append((alt_id, action))
+        graded = await asyncio.gather(
+            *(grade_step(context, [action], judge_config, judge, structured, alt_id) for alt_id, action in candidates)
+        )
+        best = None
+        for (alt_id, action), (grades, rejects, cost) in zip(candidates, graded):
+            records.extend(rejects)
+            if not grades:
+                continue
+            evaluation = evaluation_of(alt_id, problem.problem_id, grades, cost, judge_config, judge.model_id,
+                                       above, {"alternative_to": nid})
+            records.append(evaluation)
+            score = json.loads(evaluation.meta)["score"]
+            if evaluation.verdict == 1 and (best is None or score > best[2]):
+                best = (alt_id, action, score, evaluation)
+        if best is None:
+            records.append(Reject(stage=STAGE, item=nid, reason="no_better_action",
+                                  detail=f"none of {len(candidates)} distinct alternatives scored >= {judge_config.good_score}"))
+            return records
+        alt_id, action, score, evaluation = best
+        label = label_of[nid]
+        rejected_value = label["value"] if label.get("value") is not None else 0.0
+        chosen_value = evaluation.value
+        records.append(
+            Pair(
+                pair_id=content_hash("pair", PAIR_KIND, node["parent_id"], alt_id, nid), problem_id=problem.problem_id,
+                kind=PAIR_KIND, prompt=json.dumps(context, ensure_ascii=False), chosen=json.dumps(action, ensure_ascii=False),
+                rejected=json.dumps(rejected_action, ensure_ascii=False), prefix_node_id=node["parent_id"],
+                chosen_node_id=alt_id, rejected_node_id=nid, chosen_value=chosen_value, rejected_value=rejected_value,
+                margin=round(chosen_value - rejected_value, 6) if chosen_value is not None else None,
+                sources="+".join(sorted({"judge", *[s for s in (label.get("sources") or "").split("+") if s]})),
+            )
+        )
+        return records
+
+    yield from run_in_order(tasks, pairs_for)
+
+
+def _same_action(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    def signature(message: Mapping[str, Any]):
+        calls = [(c.name, json.dumps(_json_or_text(c.arguments), sort_keys=True)) for c in agent.tool_calls(message)]
+        return calls or agent.normalize_answer(message.get("content") or "")
+
+    return signature(a) == signature(b)

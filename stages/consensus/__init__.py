@@ -1,0 +1,1 @@
+"""Consensus: pure, versioned policies turning a step's evidence into one label."""

@@ -1,0 +1,1 @@
+"""Export: the labelled step tree as TRL-ready datasets."""

@@ -1,0 +1,43 @@
+"""The labeller kind: one hook that values a shard's steps by spending completions on them.
+
+Every labeller (``mc_label``, ``binary_search``, ``mcts``) takes the same inputs — the shard's
+problems, its policy and imported trajectories (rollouts and nodes of the ``problems`` and
+``rollouts`` slots), its config section, the policy's client and the answer checker — and writes
+``evaluations`` plus the completions it spent (as ``rollouts`` and ``nodes`` below their prefix),
+into the ``step_values`` slot. ``labeller_stage`` turns such a function into the stage the
+runtime runs; ``RunConfig.labeller`` chooses one per run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+from stepforge.schemas.records import Record
+from stepforge.stages.base import Stage
+from stepforge.stages.tree import TREE_SLOTS
+
+SLOT = "step_values"
+TABLES = ("evaluations", "rollouts", "nodes", "rejects")
+TREE = TREE_SLOTS[:2]  # a labeller reads the trajectories before its own completions: imported and sampled
+
+
+def labeller_stage(
+    name: str, version: int, config_name: str, config_field: str | None, label: Callable[..., Iterable[Record]],
+    progress: Callable[[list], int] | None = None, doc: str = "",
+) -> Stage:
+    """A labeller as a stage. ``label(problems, rollouts, nodes, config, client, checker, advance)``;
+    ``progress(rollouts)`` is the progress bar's total (default: the shard's problems)."""
+
+    def run(inputs, ctx) -> Iterator[Record]:
+        problems, rollouts, nodes = inputs.problems(), inputs.rows("rollouts"), inputs.rows("nodes")
+        total = progress(rollouts) if progress else len(problems)
+        with ctx.track(f"{name} {inputs.shard[:8]}", total) as advance:
+            yield from label(problems, rollouts, nodes, getattr(ctx.config, config_field), ctx.client(), ctx.checker, advance)
+
+    return Stage(
+        name=name, version=version, slot=SLOT, after="rollouts", kind="label", writes=TABLES,
+        reads={"problems": ("problems",), "rollouts": TREE, "nodes": TREE}, run=run,
+        # The policy's engine and the labeller's settings shape the completions it spends.
+        key=lambda ctx, shard: (ctx.engine(), getattr(ctx.config, config_field).model_dump()),
+        chosen=lambda config: config.labeller == config_name, config_field=config_field, doc=doc,
+    )

@@ -1,0 +1,1 @@
+"""Pairs: step-level preference pairs from the labelled step tree."""

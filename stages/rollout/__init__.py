@@ -1,0 +1,1 @@
+"""Rollout: sampling solutions from the policy, splitting them into steps, checking final answers."""

@@ -1,0 +1,1 @@
+"""Verify: evidence beyond completions — tool checks (math and agent), LLM judges — and scoring it against references."""
