@@ -30,7 +30,8 @@ def write_config(tmp: Path, name: str, model: str) -> Path:
             "http": {
                 "server": "llamacpp", "tokenizer": "smollm2-135m", "api_key_env": KEY_ENV,
                 # Two in flight at a one-at-a-time server: a request waits for at most one other
-                # (a few seconds on a busy machine), so a 20 s timeout only catches the proxy's hangs.
+                # (a few seconds on a busy machine), so a 20 s timeout mostly catches the proxy's hangs;
+                # a slower answer is retried too, and counted as a timeout (tests/fault_accounting.py).
                 "timeout_seconds": 20, "max_retries": 6, "backoff_seconds": 0.05, "backoff_max_seconds": 0.5,
             },
         },

@@ -100,8 +100,8 @@ def test_sigkilled_run_resumes_to_identical_output_without_regenerating(tmp_path
     # repeats within those shards that an uninterrupted run replays too.
     assert resumed["generated"] == total - survived, "every sample generated before the kill is replayed, not redone"
     assert resumed["samples"] == uninterrupted["samples"] - done["samples"], (resumed, uninterrupted, done)
-    assert resumed["cache_hits"] == (survived - done["generated"]) + (uninterrupted["cache_hits"] - done["cache_hits"]), (
-        resumed, uninterrupted, done, survived)
+    replayed = (survived - done["generated"]) + (uninterrupted["cache_hits"] - done["cache_hits"])
+    assert resumed["cache_hits"] == replayed, (resumed, uninterrupted, done, survived)
 
     whole_rows, resumed_rows = table_rows(whole), table_rows(killed)
     for table in TABLES:
