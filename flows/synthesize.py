@@ -14,6 +14,7 @@ shard's own completion marker makes the work idempotent even outside Prefect.
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict
 
 from prefect import flow, task
@@ -118,6 +119,9 @@ def ray_task_runner(ray: RayConfig):
     if ray.address is None:
         init["num_cpus"] = ray.num_cpus
         init["num_gpus"] = ray.num_gpus
+        # Ray starts workers at nice 15; on a local cluster they are this run's main work, and at that
+        # niceness any other busy process on the machine starves them (measured: ~6% of a core each).
+        os.environ.setdefault("RAY_worker_niceness", "0")
     if ray.runtime_env:
         init["runtime_env"] = ray.runtime_env
     return RayTaskRunner(address=ray.address, init_kwargs={k: v for k, v in init.items() if v is not None})

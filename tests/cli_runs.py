@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from stepforge.flows.prefect_server import die_with_parent
 from stepforge.schemas.records import TABLES
 from stepforge.storage.catalog import Catalog
 
@@ -17,9 +18,10 @@ def start_run(config: Path, tmp: Path, *options: str, env: dict[str, str] | None
     home = tmp / "prefect-home"
     home.mkdir(parents=True, exist_ok=True)  # Prefect's temporary server does not start without it
     env = {**os.environ, "PREFECT_HOME": str(home), "NO_COLOR": "1", **(env or {})}
+    # The run dies with the test process even when pytest-timeout ends it with os._exit (no teardown).
     return subprocess.Popen(
         [sys.executable, "-m", "stepforge.flows.cli", "run", str(config), *options],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp, preexec_fn=die_with_parent(),
     )
 
 
