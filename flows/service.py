@@ -1,4 +1,5 @@
-"""What the CLI and the flows do with a stored run, in one place: open it, export it, report on it.
+"""What the CLI's commands do, in one place: build a run's config (file or demo, overrides, checks),
+backfill, export and report a stored run — with the user's mistakes as one-line ``UserError``s.
 
 Commands stay thin: they parse arguments, call one function here, and print what it returns.
 Every path comes from the store the caller names (``--store``), never from where the run was
@@ -24,6 +25,10 @@ def run_config(config: Path | None, *, store=None, run=None, labeller=None, **se
     cfg = with_overrides(cfg, **sections)
     require_engine(cfg)
     require_sources(cfg)
+    try:
+        runtime.chain_for(cfg)  # a plugin that does not import or does not fit the chain, before any work
+    except runtime.RegistryError as exc:
+        raise UserError(str(exc)) from exc
     return cfg
 
 

@@ -172,3 +172,10 @@ def test_run_says_which_rows_it_dropped(prefect_harness, tmp_path: Path) -> None
     said = " ".join(result.output.split())
     assert "dropped 2 row(s): control_characters ×1, invalid_json ×1" in said
     assert f"stepforge query --store {tmp_path / 'store'} --run t \"select reason, item, detail from rejects" in said
+
+
+def test_a_plugin_that_does_not_import_is_one_line(tmp_path):
+    path = config(tmp_path, valid_config(tmp_path, plugins="{no_such_module: {}}"))
+    line = mistake(invoke("run", path))
+    assert "no_such_module" in line and "cannot be imported" in line
+    assert not (tmp_path / "store").exists(), "refused before any work"
