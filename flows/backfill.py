@@ -21,11 +21,10 @@ from prefect import flow
 from stepforge.flows import runtime
 from stepforge.flows.config import RunConfig, RunConfigOverrides
 from stepforge.flows.progress import reporter
-from stepforge.flows.runtime.registry import RegistryError
+from stepforge.flows.runtime.registry import LABELS, RegistryError
 from stepforge.storage.shards import ShardManifest
 
 EXPORT = "export"
-LABELS = "labels"  # the slot whose labels a backfill compares before and after
 
 
 class BackfillError(ValueError):
@@ -77,7 +76,7 @@ def default_stages(ctx: runtime.RunContext) -> tuple[str, ...]:
     """What a backfill re-runs unless told otherwise: every slot that needs no model (labels and
     everything derived from them: new human evidence, a new policy) and the export."""
     chain = ctx.chain
-    derived = chain.downstream(s for s in chain.stage_slots if chain.stage(s).slot == "labels")
+    derived = chain.downstream([LABELS])
     return (*(chain.stage(s).name for s in chain.stage_slots if s in derived), EXPORT)
 
 

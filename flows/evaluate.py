@@ -16,6 +16,7 @@ from prefect import flow, task
 
 from stepforge.flows import runtime
 from stepforge.flows.config import RunConfig
+from stepforge.flows.runtime.registry import LABELS
 from stepforge.flows.synthesize import context_for, synthesize
 from stepforge.schemas.ids import content_hash
 from stepforge.stages.consensus import policy as consensus
@@ -79,7 +80,7 @@ def score_task(config: dict, chains: list[dict[str, dict]], spec: str, benchmark
         def read(table: str, *slots: str) -> list[dict]:
             return ctx.store.read_rows(table, [chain[slot] for chain in loaded for slot in slots])
 
-        evidence = ctx.chain.stage("labels").reads  # the evidence consensus would read, as it declares
+        evidence = ctx.chain.stage(LABELS).reads  # the evidence consensus would read, as it declares
         evaluations = read("evaluations", *evidence["evaluations"])
         nodes = read("nodes", *evidence["nodes"]) if method.propagate_errors else []
         labels = [r.model_dump() for r in consensus.run(evaluations, method, nodes) if r.TABLE == "labels"]

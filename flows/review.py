@@ -28,7 +28,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from stepforge.flows.runtime.registry import ROOT
+from stepforge.flows.runtime.registry import LABELS, ROOT
 from stepforge.flows.secrets import read_secret
 from stepforge.schemas.ids import content_hash
 from stepforge.schemas.records import Label, Reject, ReviewItem
@@ -109,7 +109,6 @@ def _items_in_project(client, project_id: int, page_size: int) -> dict[str, int]
 
 
 # -- push ----------------------------------------------------------------------------------
-LABELS = "labels"  # the chain slot that holds the automatic labels annotators confirm or correct
 def evidence_chains(ctx):
     """The problem shards whose evidence is complete under the current config (ingest → verify), the
     consensus shards that label them (current, else the one the run last recorded: after a pull the

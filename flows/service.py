@@ -147,7 +147,7 @@ def open_stored_run(store: str | Path, run: str, out_dir: str | Path | None = No
     return runtime.RunContext(config), record
 
 
-def stored_chains(ctx: runtime.RunContext, record: dict) -> tuple[list[dict], int, runtime.ShardManifest]:
+def exportable_chains(ctx: runtime.RunContext, record: dict) -> tuple[list[dict], int, runtime.ShardManifest]:
     """The run's complete chains (as recorded if the record still holds, else from the source);
     ``NothingToExport`` when there is none."""
     chains, incomplete, reject_shard = runtime.run_chains(ctx, record)
@@ -164,7 +164,7 @@ def export_stored_run(store: str | Path, run: str, out_dir: str | Path | None = 
     shards were left out as incomplete, and the export directory."""
     ctx, record = open_stored_run(store, run, out_dir)
     try:
-        chains, incomplete, reject_shard = stored_chains(ctx, record)
+        chains, incomplete, reject_shard = exportable_chains(ctx, record)
         return runtime.export_run(ctx, chains, reject_shard), incomplete, ctx.config.export.out_dir
     finally:
         ctx.close()
@@ -176,7 +176,7 @@ def report_stored_run(store: str | Path, run: str, out: Path | None = None) -> t
 
     ctx, record = open_stored_run(store, run)
     try:
-        chains, incomplete, reject_shard = stored_chains(ctx, record)
+        chains, incomplete, reject_shard = exportable_chains(ctx, record)
         path = write_report(store, run, out, shards=runtime.figure_shard_keys(ctx, chains, reject_shard))
     finally:
         ctx.close()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from stepforge.schemas.records import RECORD_TYPES, Problem, Record
@@ -100,8 +100,6 @@ class Stage:
     config_field: str | None = None
     """The RunConfig section that configures the stage (docs and the generated stage table)."""
     doc: str = ""
-    after_all: tuple[str, ...] = field(default=())
-    """Further slots that must be complete first although they do not enter the key (none today)."""
 
     def __post_init__(self) -> None:
         unknown = [t for t in (*self.writes, *self.reads) if t not in RECORD_TYPES]
@@ -113,7 +111,7 @@ class Stage:
     @property
     def needs(self) -> tuple[str, ...]:
         """Every slot this stage reads or follows, in first-seen order."""
-        slots = [self.after, *self.after_all, *(s for slots in self.reads.values() for s in slots)]
+        slots = [self.after, *(s for slots in self.reads.values() for s in slots)]
         return tuple(dict.fromkeys(slots))
 
 

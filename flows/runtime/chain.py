@@ -12,17 +12,13 @@ from __future__ import annotations
 from collections import Counter
 
 from stepforge.flows.runtime.context import RunContext
-from stepforge.flows.runtime.registry import INGEST, INGEST_TABLES, ROOT, Chain
+from stepforge.flows.runtime.registry import INGEST, INGEST_TABLES, ROOT
 from stepforge.schemas.ids import content_hash
 from stepforge.schemas.records import Problem, Record, Reject
 from stepforge.stages.ingest import sources as ingest
 from stepforge.storage.shards import ShardManifest
 
 Chains = list[dict[str, ShardManifest]]
-
-
-def chain_of(ctx: RunContext) -> Chain:
-    return ctx.chain
 
 
 def group(records, tables: tuple[str, ...]) -> dict[str, list[Record]]:
@@ -72,7 +68,7 @@ def ingest_shards(ctx: RunContext) -> tuple[list[ShardManifest], ShardManifest]:
 
 def chain_keys(ctx: RunContext, problem_shard: str) -> dict[str, str]:
     """The key of every slot's shard downstream of one problem shard, under this run's config."""
-    chain = chain_of(ctx)
+    chain = ctx.chain
     keys = {ROOT: problem_shard}
     for slot in chain.stage_slots:
         stage = chain.stage(slot)
@@ -84,7 +80,7 @@ def chain_keys(ctx: RunContext, problem_shard: str) -> dict[str, str]:
 def current_chains(ctx: RunContext) -> tuple[list[dict[str, ShardManifest | None]], ShardManifest]:
     """Every problem shard's chain under the current config, None in the slots not computed yet
     (e.g. labels after a review pull brought new human evidence), and the ingest rejects shard."""
-    chain = chain_of(ctx)
+    chain = ctx.chain
     chains = []
     problem_shards, reject_shard = ingest_shards(ctx)
     for problem_shard in problem_shards:
@@ -127,7 +123,7 @@ def stored_chains(ctx: RunContext, record: dict) -> tuple[Chains, int, ShardMani
     reject = ctx.store.manifest(ctx.run, INGEST, reject_key) if reject_key else None
     if not recorded or reject is None:
         return None
-    chain = chain_of(ctx)
+    chain = ctx.chain
     chains: Chains = []
     for problem_shard, slots in recorded.items():
         if slots != chain_keys(ctx, problem_shard):

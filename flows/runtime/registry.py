@@ -24,6 +24,8 @@ ROOT = "problems"
 INGEST = "ingest"
 """Ingest's stage name: the problem shards live under ``stage=ingest``."""
 INGEST_TABLES = ("problems", "rollouts", "nodes", "evaluations", "rejects")
+LABELS = "labels"
+"""The slot of the step labels: what review shows annotators, backfill compares, evaluate recomputes."""
 
 PHASES = ("ingest", "rollout", "label", "verify", "consensus", "pairs", "agent", "export", "review")
 """The phase packages under ``stepforge.stages``, in pipeline order: where built-in stages are found,
