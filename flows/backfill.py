@@ -140,11 +140,16 @@ def backfill_run(
         base_ctx.close()
         old_labels = _labels(ctx, (ctx.store.manifest(run, labels_stage, k) for k in old_keys))
         written: Counter = Counter()
+        ctx.open_window()
         with reporter().track(f"backfill {run}", len(selected)) as advance:
-            for m in selected:
+
+            def backfill_shard(m):
                 runtime.run_chain(ctx, m)
-                written.update(todo[m.shard])
                 advance(1)
+
+            runtime.run_concurrently(backfill_shard, selected, ctx.config.concurrent_shards)
+        for m in selected:
+            written.update(todo[m.shard])
         chains, incomplete, reject_shard = runtime.completed_chains(ctx)
         selected_keys = {m.shard for m in selected}
         new_labels = _labels(ctx, (c[LABELS] for c in chains if c[runtime.ROOT].shard in selected_keys))

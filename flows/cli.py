@@ -82,6 +82,9 @@ def run(
     base_url: Optional[str] = typer.Option(None, help="OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1 (sets --backend openai)."),
     server: Optional[str] = typer.Option(None, help="What serves --base-url: vllm, sglang, llamacpp, tgi, openai, generic."),
     max_in_flight: Optional[int] = typer.Option(None, help="Samples (requests) in flight at once."),
+    concurrent_shards: Optional[int] = typer.Option(
+        None, help="Problem shards run at once in this process, sharing --max-in-flight (keeps a batching server full)."
+    ),
     ray: Optional[str] = typer.Option(
         None, help="Run shards on Ray: 'local' starts a local cluster; 'auto', ray://host:10001 or host:port joins one."
     ),
@@ -106,6 +109,7 @@ def run(
     cfg = service.run_config(
         config, store=store, run=run_name, labeller=labeller, model=model, limit=limit, verify=verify, policy=policy,
         backend=backend, base_url=base_url, server=server, max_in_flight=max_in_flight, ray=ray,
+        concurrent_shards=concurrent_shards,
     )
     console.print(
         Panel.fit(f"run [bold]{cfg.run}[/] · model {cfg.backend.model_label} · labeller {cfg.labeller} · store {cfg.store.resolve()}")
@@ -152,8 +156,15 @@ def print_summary(store: Path, run_name: str, result: dict) -> None:
     if gen:
         table.add_row(
             "generation",
-            f"{gen['generated']} generated, {gen['cache_hits']} from cache, {gen['generated_tokens']} tokens, "
-            f"mean in flight {gen['mean_in_flight']}",
+            f"{gen['generated']} generated, {gen['cache_hits']} from cache, {gen['generated_tokens']} tokens",
+        )
+    if sat := (result.get("saturation") or {}).get("generation"):
+        # Over the run's whole wall time: idle gaps between stages and shards count as idle.
+        stages = ", ".join(f"{name} {v:g}" for name, v in sat["mean_in_flight_by_stage"].items())
+        table.add_row(
+            "samples in flight",
+            f"mean {sat['mean_in_flight']:g} of {sat['limit']} ({sat['ratio']:.0%}) over {sat['wall_seconds']:.0f} s"
+            + (f"; by stage: {stages}" if stages else ""),
         )
     traffic = (result.get("traffic") or {}).get("generation") or {}
     if traffic.get("http_requests"):

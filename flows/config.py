@@ -58,6 +58,12 @@ class RunConfig(BaseModel):
     run: str = Field(default="demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Run name; partitions all outputs.")
     store: Path = Field(default=Path("stepforge-data"), description="Root directory of shards, catalog, caches and exports.")
     shard_size: int = Field(default=16, ge=1, description="Problems per shard: the unit of work, resume and caching.")
+    concurrent_shards: int = Field(
+        default=8, ge=1,
+        description="Problem shards whose chains run at once in one process, sharing the engine's bound on samples in "
+        "flight: while one shard waits at a stage boundary or in a stage's tail, the others keep the engine busy. "
+        "Memory grows with it (each open shard holds its tables); tables do not depend on it.",
+    )
     backend: BackendConfig = Field(default_factory=BackendConfig, description="The policy model and its engine.")
     ingest: IngestConfig = Field(description="Where the problems come from.")
     prompt: PromptConfig = Field(default_factory=PromptConfig, description="How problems are put to the policy (all stages).")

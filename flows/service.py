@@ -57,7 +57,7 @@ def require_sources(cfg) -> None:
 
 def with_overrides(
     cfg, *, model=None, limit=None, verify=None, policy=None, backend=None, base_url=None, server=None,
-    max_in_flight=None, ray=None,
+    max_in_flight=None, ray=None, concurrent_shards=None,
 ):
     """The config with the command line's section-level overrides applied (and validated again)."""
     from stepforge.flows.config import RunConfig
@@ -71,6 +71,8 @@ def with_overrides(
         data["backend"]["http"]["server"] = server
     if max_in_flight:
         data["backend"]["max_in_flight"] = max_in_flight
+    if concurrent_shards is not None:
+        data["concurrent_shards"] = concurrent_shards
     if ray:
         data["ray"] = {"address": None if ray == "local" else ray}
     if model:
@@ -82,8 +84,6 @@ def with_overrides(
     if policy:
         data["consensus"]["policy"] = policy
     return RunConfig.from_data(data, where="invalid option")
-
-
 
 
 def parse_overrides(assignments: list[str], overrides_file: Path | None) -> dict:

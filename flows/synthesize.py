@@ -1,9 +1,10 @@
 """The ``synthesize`` flow: ingest, then every slot of the run's chain over every problem shard, then export.
 
-Shards run one after another in this process, or, with a ``ray`` section, as tasks on a Ray
-cluster through Prefect's Ray task runner (a subflow, so the same flow and parameters serve
-both): each shard's chain waits only for its own upstream, and every worker process loads
-the model once and keeps it for the shards it is given.
+Shards run ``concurrent_shards`` at a time on threads of this process, sharing the engine's
+bound on samples in flight, or, with a ``ray`` section, as tasks on a Ray cluster through
+Prefect's Ray task runner (a subflow, so the same flow and parameters serve both): each
+shard's chain waits only for its own upstream, and every worker process loads the model once
+and keeps it for the shards it is given.
 
 Thin by design: one Prefect task per stage, named after it, whose body is the runtime's
 ``run_stage``; the order comes from the chain (``flows.runtime.registry``). Tasks pass shard
@@ -82,19 +83,27 @@ def _cached(stage: str, ctx: runtime.RunContext):
 
 def _chains(config: dict, problem_shards: list[dict], submit: bool) -> list[dict[str, dict]]:
     """Every slot over every problem shard. With ``submit`` the tasks go to the flow's task runner
-    (Ray), each waiting only for the slots its stage needs; otherwise they run one after another here."""
+    (Ray), each waiting only for the slots its stage needs; otherwise each shard's tasks run in
+    order here, ``concurrent_shards`` shards at once on threads of this process (the runtime's
+    ``run_concurrently``: each thread runs in a copy of the flow run's context, so the tasks are
+    the flow run's)."""
     ctx = context_for(config)
     chain = ctx.chain
     tasks = {slot: _cached(chain.stage(slot).name, ctx) for slot in chain.stage_slots}
-    chains = []
-    for problem_shard in problem_shards:
+
+    def shard_chain(problem_shard: dict) -> dict:
         keys = runtime.chain_keys(ctx, problem_shard["shard"])
         done: dict = {runtime.ROOT: problem_shard}
         for slot in chain.stage_slots:
             upstream = {s: done[s] for s in (runtime.ROOT, *chain.stage(slot).needs)}
             call = tasks[slot].submit if submit else tasks[slot]
             done[slot] = call(config, slot, keys[slot], upstream)
-        chains.append(done)
+        return done
+
+    if submit:
+        chains = [shard_chain(problem_shard) for problem_shard in problem_shards]
+    else:
+        chains = runtime.run_concurrently(shard_chain, problem_shards, ctx.config.concurrent_shards)
     return [{slot: (m.result() if isinstance(m, PrefectFuture) else m) for slot, m in c.items()} for c in chains]
 
 
@@ -134,6 +143,7 @@ def synthesize(config: RunConfig) -> dict:
     Typed: a deployment's parameters are validated against ``RunConfig`` before a run starts."""
     config = RunConfig.model_validate(config).model_dump(mode="json")  # tasks take JSON (Ray pickles them)
     ctx = context_for(config)
+    ctx.open_window()
     runtime.record_run(ctx, "running")
     try:
         problem_shards, reject_shard = ingest_task(config)
@@ -153,5 +163,5 @@ def synthesize(config: RunConfig) -> dict:
     publish_artifacts(run_figures(ctx.store.root, ctx.run, set(shard_keys)), ctx.run)
     return {
         "run": ctx.run, "store": str(ctx.store.root), "exports": exports, "generation": record["generation"],
-        "traffic": traffic, "shards": shard_keys,
+        "saturation": record["saturation"], "traffic": traffic, "shards": shard_keys,
     }

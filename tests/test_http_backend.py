@@ -211,3 +211,45 @@ def test_the_rate_limiter_spaces_requests_beyond_its_budget():
         return time.monotonic() - started
 
     assert asyncio.run(scenario()) >= 0.9
+
+
+def test_calls_cross_to_the_backend_loop_and_back_with_their_context_and_cancellation():
+    import contextvars
+    import threading
+
+    from stepforge.stages.llm.openai_http import _LoopBridge
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    bridge, var, cancelled = _LoopBridge(loop), contextvars.ContextVar("caller", default=None), []
+
+    async def job(x, delay=0.0):
+        try:
+            await asyncio.sleep(delay)
+        except asyncio.CancelledError:
+            cancelled.append(x)
+            raise
+        if x == "boom":
+            raise ValueError("boom")
+        return x, var.get(), asyncio.get_running_loop() is loop
+
+    async def caller(i):
+        var.set(i)
+        return await bridge.call(job(i, 0.001))
+
+    async def scenario():
+        assert await asyncio.gather(*(caller(i) for i in range(500))) == [(i, i, True) for i in range(500)]
+        with pytest.raises(ValueError, match="boom"):
+            await bridge.call(job("boom"))
+        with pytest.raises(asyncio.TimeoutError):  # a caller that gives up cancels the call it made
+            await asyncio.wait_for(bridge.call(job("slow", 30)), 0.05)
+        await asyncio.sleep(0.1)
+
+    try:
+        asyncio.run(scenario())
+        assert cancelled == ["slow"] and bridge._outboxes == {} and bridge._inbox == []
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=5)
+        loop.close()

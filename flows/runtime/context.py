@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,11 +26,21 @@ from stepforge.storage.runs import load_run_record
 from stepforge.storage.shards import ShardStore
 
 
+def upgrade_recorded(data: dict) -> dict:
+    """A recorded config from before a setting existed: the setting gets the value that reproduces
+    what the run made (a config section's ``LEGACY``), not today's default, so the run's keys hold."""
+    for name, field_info in RunConfig.model_fields.items():
+        legacy = getattr(field_info.annotation, "LEGACY", None)
+        if legacy and isinstance(data.get(name), dict):
+            data[name] = {**{k: v for k, v in legacy.items() if k not in data[name]}, **data[name]}
+    return data
+
+
 def load_run_config(store: str | Path, run: str, record: dict | None = None) -> RunConfig:
     """The config a run was last made with (its record under ``<store>/runs``), with ``store`` as given:
     a store copied or moved elsewhere is read where it is now, never where it was made, and an export
     directory that lay inside the old store moves with it."""
-    data = dict((record or load_run_record(store, run))["config"])
+    data = upgrade_recorded(dict((record or load_run_record(store, run))["config"]))
     made_in, export = Path(data.get("store") or "."), dict(data.get("export") or {})
     if export.get("out_dir") and Path(export["out_dir"]).is_relative_to(made_in):
         export["out_dir"] = str(Path(store) / Path(export["out_dir"]).relative_to(made_in))
@@ -54,6 +66,10 @@ class RunContext:
     clients: dict[str, GenerationClient] = field(default_factory=dict)
     """Loaded clients by role: ``generation`` (policy), ``judge_generation``, ``writer_generation``."""
     _review: tuple[tuple[str, ...], dict[str, list[dict]]] | None = None
+    # Shards run on threads of their own: a model must load once, whichever shard asks first.
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # The saturation window (``open_window``): when it opened and each client's in-flight integral then.
+    _window: tuple[float, float, dict[str, float]] | None = None
 
     CLIENT_ROLES = ("generation", "judge_generation", "writer_generation")
 
@@ -83,9 +99,10 @@ class RunContext:
         # A backend serves under the first role that uses it: a judge on the policy's model is the
         # policy's client (one model in memory), and its traffic counts as the policy's, as before.
         role = next(r for r in self.CLIENT_ROLES if self._backend_of(r) == backend)
-        if role not in self.clients:
-            self.clients[role] = GenerationClient(load_backend(backend), self._cache())
-        return self.clients[role]
+        with self._lock:
+            if role not in self.clients:
+                self.clients[role] = GenerationClient(load_backend(backend), self._cache())
+            return self.clients[role]
 
     def _backend_of(self, role: str) -> BackendConfig:
         return {"generation": self.config.backend, "judge_generation": self.judge_backend(),
@@ -111,6 +128,35 @@ class RunContext:
     def counters(self) -> dict[str, dict]:
         """Each loaded client's counters, by the role it serves under."""
         return {role: client.counters() for role, client in self.clients.items()}
+
+    # -- saturation: samples in flight over a run's whole wall time ------------------------
+    def open_window(self) -> None:
+        """Start measuring saturation (a run's start): clients loaded later count from zero."""
+        areas = {role: c.stats.area_now() for role, c in self.clients.items()}
+        self._window = (time.perf_counter(), time.time(), areas)
+
+    @property
+    def window_opened_at(self) -> float | None:
+        """Wall-clock time (epoch seconds) the saturation window opened."""
+        return self._window[1] if self._window else None
+
+    def saturation(self) -> dict[str, dict]:
+        """Per client role: mean samples in flight over the window's whole wall time — idle gaps
+        between stages and shards included, unlike a mean taken only while something is in flight —
+        beside the client's bound. Empty before ``open_window``."""
+        if self._window is None:
+            return {}
+        started, _, areas = self._window
+        wall = time.perf_counter() - started
+        figures = {}
+        for role, client in self.clients.items():
+            area = client.stats.area_now() - areas.get(role, 0.0)
+            mean = area / wall if wall > 0 else 0.0
+            figures[role] = {
+                "wall_seconds": round(wall, 3), "in_flight_seconds": round(area, 3), "mean_in_flight": round(mean, 3),
+                "limit": client.max_in_flight, "ratio": round(mean / client.max_in_flight, 4),
+            }
+        return figures
 
     def _cache(self) -> GenerationCache:
         return GenerationCache(self.store.root / "cache" / "generations.sqlite")

@@ -1,19 +1,32 @@
 """The executor: one stage over one problem shard (read its declared inputs, run it, write the
-shard), and a problem shard's whole chain in order.
+shard), a problem shard's whole chain in order, and many shards' chains at once.
 
 Idempotent: a shard whose completion marker exists is returned as it is, so a killed run resumes
 where it stopped and a generation already in the cache is replayed, not paid for again. Plain
-functions, so any executor can call them: this process (``run_chain``), Prefect tasks
-(``flows/synthesize.py``, locally or on Ray), backfills, review pulls, benchmarks.
+functions, so any executor can call them: this process (``run_chain``, ``run_shards``), Prefect
+tasks (``flows/synthesize.py``, locally or on Ray), backfills, review pulls, benchmarks.
+
+Why shards run concurrently: a stage cannot start before the stage it follows has finished its
+shard, so one shard alone leaves the engine idle at every stage boundary and in every stage's
+tail. With several shards open at once (``RunConfig.concurrent_shards``, on threads of this
+process) the others fill those gaps; all share each client's one bound on samples in flight
+(``SharedBound``), so the engine sees a steady queue, and memory stays bounded by the shards
+open. A shard's tables depend only on its inputs and the (seeded, cached) generations, never on
+what ran beside it, and its stats are charged to it by a ``Meter``, not read off process-wide
+counters.
 """
 
 from __future__ import annotations
 
+import contextvars
 import os
 import socket
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from functools import cached_property
+from typing import TypeVar
 
 from stepforge.flows.runtime.chain import chain_keys, group
 from stepforge.flows.runtime.context import RunContext
@@ -21,6 +34,7 @@ from stepforge.flows.runtime.registry import ROOT
 from stepforge.schemas.records import Problem, Reject
 from stepforge.stages.base import Stage, records_of
 from stepforge.stages.llm import GenerationClient
+from stepforge.stages.llm.base import metered
 from stepforge.storage.shards import ShardManifest
 
 
@@ -58,14 +72,14 @@ def run_stage(ctx: RunContext, slot: str, key: str, chain: dict[str, ShardManife
         return done
     if missing := [s for s in stage.needs if chain.get(s) is None]:
         raise RuntimeError(f"stage {stage.name!r} of shard {chain[ROOT].shard[:8]} needs slot(s) {missing} first")
-    before = ctx.counters()
     started = time.perf_counter()
-    tables = group(records_of(stage, stage.run(ShardInputs(ctx, stage, chain), ctx)), stage.writes)
+    with metered() as meter:
+        tables = group(records_of(stage, stage.run(ShardInputs(ctx, stage, chain), ctx)), stage.writes)
     stats: dict = {}
-    for role, after in ctx.counters().items():
-        delta = {k: round(v - before.get(role, {}).get(k, 0), 6) for k, v in after.items()}
-        if delta["samples"]:
-            stats[role] = {k: v for k, v in delta.items() if v or k in GenerationClient.COUNTED}
+    for role, client in list(ctx.clients.items()):
+        counts = client.counters(meter)
+        if counts["samples"]:
+            stats[role] = {k: round(v, 6) for k, v in counts.items() if v or k in GenerationClient.COUNTED}
     stats["reject_reasons"] = dict(Counter(r.reason for r in tables["rejects"] if isinstance(r, Reject)))
     stats["seconds"] = round(time.perf_counter() - started, 3)
     stats["worker"] = f"{socket.gethostname()}:{os.getpid()}"  # which process (Ray worker, host) made it
@@ -80,3 +94,30 @@ def run_chain(ctx: RunContext, problem_shard: ShardManifest) -> dict[str, ShardM
     for slot in ctx.chain.stage_slots:
         chain[slot] = run_stage(ctx, slot, keys[slot], chain)
     return chain
+
+
+S = TypeVar("S")
+R = TypeVar("R")
+
+
+def run_concurrently(work: Callable[[S], R], shards: Sequence[S], at_once: int) -> list[R]:
+    """``work(shard)`` for every shard, at most ``at_once`` at a time on threads of this process,
+    results in input order. Each call runs in a copy of the caller's context (a Prefect flow
+    run's, a meter's). The first failure stops new shards from starting; the running ones finish
+    (their shards are complete and resume skips them), then it is raised."""
+    if at_once <= 1 or len(shards) <= 1:
+        return [work(shard) for shard in shards]
+    with ThreadPoolExecutor(max_workers=min(at_once, len(shards)), thread_name_prefix="shard") as pool:
+        futures = [pool.submit(contextvars.copy_context().run, work, shard) for shard in shards]
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        if failed := [f for f in futures if f in done and f.exception() is not None]:
+            for future in futures:
+                future.cancel()
+            wait(futures)
+            raise failed[0].exception()
+        return [future.result() for future in futures]
+
+
+def run_shards(ctx: RunContext, problem_shards: Sequence[ShardManifest]) -> list[dict[str, ShardManifest]]:
+    """Every problem shard's chain, ``ctx.config.concurrent_shards`` of them at once."""
+    return run_concurrently(lambda shard: run_chain(ctx, shard), problem_shards, ctx.config.concurrent_shards)

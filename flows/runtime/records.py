@@ -77,6 +77,26 @@ def shard_traffic(chains: list[dict[str, dict]]) -> dict[str, dict[str, float]]:
     return {role: {k: round(v, 6) for k, v in sorted(counts.items())} for role, counts in totals.items()}
 
 
+def saturation(ctx: RunContext, chains: list[dict]) -> dict[str, dict]:
+    """This invocation's samples in flight over its whole wall time, per client role, beside the
+    bound (``RunContext.saturation``), and each stage's share of it: the stage's in-flight seconds
+    in the chains' shards made by this invocation over the same wall time (shards an earlier
+    invocation made are skipped; the shares then add up to the whole)."""
+    figures = ctx.saturation()
+    for role, figure in figures.items():
+        by_stage: Counter = Counter()
+        for chain in chains:
+            for slot, manifest in chain.items():
+                m = asdict(manifest) if isinstance(manifest, ShardManifest) else manifest
+                if slot == ROOT or m.get("created_at", 0) < ctx.window_opened_at:
+                    continue
+                if seconds := ((m.get("stats") or {}).get(role) or {}).get("in_flight_seconds"):
+                    by_stage[ctx.chain.stage(slot).name] += seconds
+        wall = figure["wall_seconds"]
+        figure["mean_in_flight_by_stage"] = {name: round(v / wall, 3) for name, v in sorted(by_stage.items()) if wall}
+    return figures
+
+
 def record_run(
     ctx: RunContext, status: str, exports: list[dict] | None = None, traffic: dict | None = None,
     chains: list[dict] | None = None, reject_shard: ShardManifest | dict | None = None,
@@ -92,6 +112,7 @@ def record_run(
         "run": ctx.run, "created_at": time.time(), "status": status,
         "config": ctx.config.model_dump(mode="json"), "exports": exports or [],
         "generation": {**client.stats.as_dict(), **client.counters()} if client else {},
+        "saturation": saturation(ctx, chains or []),
         "traffic": traffic or {},
         "chains": {
             shard_key(c[ROOT]): {slot: shard_key(m) for slot, m in c.items() if slot != ROOT} for c in chains or []

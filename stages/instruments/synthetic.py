@@ -18,7 +18,14 @@ Three parts:
   operation* (right arithmetic on the wrong operation: a calculator does not) at the
   configured rates. Errors propagate: each step computes from the value carried by the last.
 - ``create_app`` serves the same policy over the OpenAI protocol, so HTTP clients can be
-  benchmarked against the same ground truth (``stepforge world serve``).
+  benchmarked against the same ground truth (``stepforge world serve``). It is also a *simulated*
+  continuous-batching server (``batching.BatchSimulator``), a measuring instrument for client
+  throughput: ``--capacity`` requests run at once and the rest queue (FIFO), each holds its slot
+  for ``ttft_ms + completion_tokens * tpot_ms * (1 + running / batch_slowdown)`` ms, and the
+  server meters its own time-weighted occupancy at ``GET /metrics`` (``POST /metrics/reset``
+  starts a window; a one-line summary is printed at shutdown). The defaults (no latency,
+  unbounded capacity) answer at once. Latency never changes a sample: a request is sampled,
+  then held.
 
 Sampling is pure Python and seeded only by the sampler seed, so one (request, seed) always
 gives one text, thousands of times per second.
@@ -40,6 +47,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from stepforge.schemas.ids import content_hash
+from stepforge.stages.instruments.batching import BatchSimulator, LatencyModel
 from stepforge.stages.instruments.world import LEAD_INS, WorldConfig
 from stepforge.stages.llm.base import Generation, GenerationRequest
 
@@ -547,17 +555,33 @@ class _CompletionBody(_Sampling):
     logprobs: int | None = None
 
 
-def create_app(config: WorldConfig | None = None) -> FastAPI:
+def create_app(
+    config: WorldConfig | None = None, *, latency: LatencyModel | None = None, capacity: int | None = None
+) -> FastAPI:
     """An OpenAI-compatible server over the synthetic policy: ``/v1/models``, ``/v1/chat/completions``
-    (with vLLM's ``continue_final_message``) and ``/v1/completions``.
+    (with vLLM's ``continue_final_message``) and ``/v1/completions``; a simulated continuous-batching
+    engine (``batching.BatchSimulator``: ``latency``, at most ``capacity`` running) whose occupancy
+    meter is ``GET /metrics`` (``POST /metrics/reset`` starts a new window). The defaults (no latency,
+    unbounded capacity) answer at once. Latency never changes what is sampled.
 
     FastAPI is imported here, not at module level, so the backend itself needs only pydantic.
     """
+    from contextlib import asynccontextmanager
+
     from fastapi import FastAPI
 
     backend = SyntheticBackend(config)
-    app = FastAPI(title="stepforge synthetic world")
+    simulator = BatchSimulator(latency, capacity)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        # Shutdown (SIGINT/SIGTERM under uvicorn): the last window in one line.
+        print(simulator.summary(), file=sys.stderr, flush=True)
+
+    app = FastAPI(title="stepforge synthetic world (simulated batching server)", lifespan=lifespan)
     app.state.backend = backend
+    app.state.simulator = simulator
 
     def usage(prompt_text: str, generations: list[Generation]) -> dict[str, int]:
         prompt_tokens = backend.count_tokens(prompt_text)
@@ -568,6 +592,15 @@ def create_app(config: WorldConfig | None = None) -> FastAPI:
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [
             {"id": backend.model_id, "object": "model", "created": 0, "owned_by": "stepforge"}]}
+
+    @app.get("/metrics")
+    async def metrics() -> dict[str, Any]:
+        return simulator.snapshot()
+
+    @app.post("/metrics/reset")
+    async def metrics_reset() -> dict[str, Any]:
+        """Start a new measurement window; returns the window it closed."""
+        return simulator.reset()
 
     @app.post("/v1/chat/completions")
     async def chat(body: _ChatBody) -> dict[str, Any]:
@@ -581,7 +614,11 @@ def create_app(config: WorldConfig | None = None) -> FastAPI:
             messages=tuple(messages), assistant_prefix=prefix, logprobs=body.logprobs, **body.request_fields()
         )
         seed = body.base_seed()
-        generations = [backend.sample(request, choice_seed(seed, i)) for i in range(body.n)]
+        async with simulator.slot() as slot:
+            generations = [backend.sample(request, choice_seed(seed, i)) for i in range(body.n)]
+            counts = usage("".join(text for _, text in messages) + prefix, generations)
+            longest = max((g.num_tokens for g in generations), default=0)  # choices decode side by side
+            await slot.hold(longest, counts["completion_tokens"], counts["prompt_tokens"])
         choices = []
         for i, g in enumerate(generations):
             logprobs = None
@@ -593,21 +630,26 @@ def create_app(config: WorldConfig | None = None) -> FastAPI:
                             "finish_reason": g.finish_reason, "logprobs": logprobs})
         return {
             "id": "chatcmpl-" + content_hash("chat", body.model_dump(), seed), "object": "chat.completion",
-            "created": int(time.time()), "model": backend.model_id, "choices": choices,
-            "usage": usage("".join(text for _, text in messages) + prefix, generations),
+            "created": int(time.time()), "model": backend.model_id, "choices": choices, "usage": counts,
         }
 
     @app.post("/v1/completions")
     async def completions(body: _CompletionBody) -> dict[str, Any]:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         seed = body.base_seed()
-        choices, generations = [], []
+        generations = []
+        async with simulator.slot() as slot:
+            for p_index, prompt in enumerate(prompts):
+                request = GenerationRequest(prompt=prompt, logprobs=body.logprobs is not None, **body.request_fields())
+                generations += [backend.sample(request, choice_seed(seed, p_index * body.n + i)) for i in range(body.n)]
+            counts = usage("".join(prompts), generations)
+            longest = max((g.num_tokens for g in generations), default=0)  # choices decode side by side
+            await slot.hold(longest, counts["completion_tokens"], counts["prompt_tokens"])
+        choices = []
         for p_index, prompt in enumerate(prompts):
-            request = GenerationRequest(prompt=prompt, logprobs=body.logprobs is not None, **body.request_fields())
             for i in range(body.n):
                 index = p_index * body.n + i
-                g = backend.sample(request, choice_seed(seed, index))
-                generations.append(g)
+                g = generations[index]
                 logprobs = None
                 if g.logprobs is not None:
                     tokens = tokenize(g.text)
@@ -618,8 +660,7 @@ def create_app(config: WorldConfig | None = None) -> FastAPI:
                                 "logprobs": logprobs})
         return {
             "id": "cmpl-" + content_hash("completion", body.model_dump(), seed), "object": "text_completion",
-            "created": int(time.time()), "model": backend.model_id, "choices": choices,
-            "usage": usage("".join(prompts), generations),
+            "created": int(time.time()), "model": backend.model_id, "choices": choices, "usage": counts,
         }
 
     return app
@@ -632,6 +673,13 @@ def create_app(config: WorldConfig | None = None) -> FastAPI:
 def _steps_arg(text: str) -> int | tuple[int, int]:
     lo, _, hi = text.partition("-")
     return (int(lo), int(hi)) if hi else int(lo)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return value
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -647,6 +695,15 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--slip-rate", type=float, default=defaults.slip_rate)
     serve.add_argument("--wrong-op-rate", type=float, default=defaults.wrong_op_rate)
     serve.add_argument("--recover-rate", type=float, default=defaults.recover_rate)
+    engine = serve.add_argument_group(
+        "simulated batching", "Latency and capacity of a continuous-batching engine (see /metrics). "
+        "A request holds a slot for TTFT + tokens * TPOT * (1 + running / S) ms.")
+    engine.add_argument("--capacity", type=_positive_int, default=None,
+                        help="Requests running at once; the rest wait in a FIFO queue (default: unbounded).")
+    engine.add_argument("--ttft-ms", type=float, default=0.0, help="Time to first token, ms (default 0).")
+    engine.add_argument("--tpot-ms", type=float, default=0.0, help="Time per output token, ms (default 0).")
+    engine.add_argument("--batch-slowdown", type=float, default=0.0, metavar="S",
+                        help="A token costs TPOT * (1 + running / S); 0 (default): no slowdown.")
     problems = commands.add_parser("problems", help="Write GSM8K-layout problems as JSONL to stdout.")
     problems.add_argument("--n", type=int, default=20)
     problems.add_argument("--steps", type=_steps_arg, default=(3, 6), help="N or MIN-MAX operations.")
@@ -660,7 +717,13 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     config = WorldConfig(slip_rate=args.slip_rate, wrong_op_rate=args.wrong_op_rate, recover_rate=args.recover_rate)
-    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="warning")
+    try:
+        latency = LatencyModel(args.ttft_ms, args.tpot_ms, args.batch_slowdown)
+    except ValueError as error:
+        serve.error(str(error))
+    app = create_app(config, latency=latency, capacity=args.capacity)
+    # The app prints its occupancy summary at shutdown (SIGINT/SIGTERM), from its lifespan.
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 
 
 if __name__ == "__main__":

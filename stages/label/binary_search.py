@@ -27,12 +27,13 @@ gets no evaluation rather than a guess.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
@@ -78,6 +79,16 @@ class BinarySearchConfig(CompletionConfig):
     screen_questions: bool = Field(
         default=True, description="OmegaPRM: skip problems whose policy rollouts are all right or all wrong."
     )
+    lockstep: bool = Field(
+        default=True,
+        description="every_wrong_rollout: search all of a problem's wrong rollouts at once, in rounds (their unknown "
+        "midpoints estimated together), so many prefixes are in flight; false searches one rollout after another "
+        "(each search may then reuse what the earlier ones estimated, at the cost of round trips).",
+    )
+
+    # Settings added after stores existed, with the value that reproduces those stores (left out of
+    # the key at that value; given to an old run's recorded config that lacks it).
+    LEGACY: ClassVar[dict[str, object]] = {"lockstep": False}
 
 
 @dataclass
@@ -136,11 +147,92 @@ def _screen(policy: list[dict]) -> str | None:
 
 
 async def _every_wrong_rollout(search: ProblemSearch, policy: list[dict], config: BinarySearchConfig) -> list[SearchResult]:
+    wrong = [r for r in policy if r["outcome"] is False]
+    if config.lockstep:
+        return await _lockstep(search, wrong, config)
     results = []
-    for rollout in policy:
-        if rollout["outcome"] is False:
-            results.append(await search_first_error(search, rollout["rollout_id"], rollout["node_ids"], 0, config))
+    for rollout in wrong:
+        results.append(await search_first_error(search, rollout["rollout_id"], rollout["node_ids"], 0, config))
     return results
+
+
+class _Bisection:
+    """One rollout's binary search as a state machine, for ``_lockstep`` (same invariant as
+    ``search_first_error``: every prefix before ``lo`` can reach the answer, the one through ``hi`` cannot)."""
+
+    def __init__(self, rollout: dict):
+        node_ids = rollout["node_ids"]
+        self.lo, self.hi = 0, len(node_ids) - 1
+        self.result = SearchResult(rollout["rollout_id"], node_ids, self.hi)
+        self.evidence = {self.hi: 1}
+
+    @property
+    def mid(self) -> int:
+        return (self.lo + self.hi) // 2
+
+    def decide(self, search: ProblemSearch, probe: dict) -> None:
+        self.result.probes.append(probe)
+        if search.successes[probe["node_id"]] > 0:
+            self.lo = self.mid + 1
+        else:
+            self.evidence[self.mid] = search.drawn[probe["node_id"]]
+            self.hi = self.mid
+
+    def finish(self) -> SearchResult:
+        self.result.first_error = self.lo
+        self.result.error_evidence = self.evidence.get(self.lo, 0)
+        return self.result
+
+
+async def _lockstep(search: ProblemSearch, wrong: list[dict], config: BinarySearchConfig) -> list[SearchResult]:
+    """Every wrong rollout's binary search at once, in rounds: each round, every open search walks
+    past the midpoints already known (rollout reuse, or k completions spent without success) to
+    its first unknown one; the unknown midpoints of all searches are then estimated together —
+    one estimate per distinct prefix, its adaptive rounds in step with the others', each round's
+    completions folded in the searches' order — and every search takes its decision. Decisions
+    depend only on results, never on arrival order; a search meeting a prefix another search
+    estimated this round reuses it, as it would have searching after it."""
+    k = config.completions_per_prefix
+    bisections = [_Bisection(r) for r in wrong]
+    while True:
+        waiting: dict[str, list[_Bisection]] = {}
+        for b in bisections:
+            while b.lo < b.hi:
+                nid = b.result.node_ids[b.mid]
+                known_zero = search.drawn[nid] >= k and not search.successes[nid]
+                if not (search.successes[nid] > 0 or known_zero):
+                    waiting.setdefault(nid, []).append(b)
+                    break
+                b.decide(search, {"position": b.mid, "node_id": nid, "drawn": 0, "successes": 0, "reused": True})
+        if not waiting:
+            return [b.finish() for b in bisections]
+        for nid, (drawn, successes) in (await _estimate_together(search, list(waiting), k, config.adaptive)).items():
+            first, *others = waiting[nid]
+            first.decide(search, {"position": first.mid, "node_id": nid, "drawn": drawn, "successes": successes,
+                                  "reused": False})
+            for b in others:
+                b.decide(search, {"position": b.mid, "node_id": nid, "drawn": 0, "successes": 0, "reused": True})
+
+
+async def _estimate_together(
+    search: ProblemSearch, nids: list[str], k: int, adaptive: AdaptiveConfig
+) -> dict[str, tuple[int, int]]:
+    """``ProblemSearch.estimate`` for several prefixes at once: (drawn, successes) by prefix."""
+    counts = {nid: [0, 0] for nid in nids}
+    batch = adaptive.batch if adaptive.enabled else k
+    open_ = list(nids)
+    while open_:
+        fetched = await asyncio.gather(*(search.fetch(nid, min(batch, k - counts[nid][0])) for nid in open_))
+        still = []
+        for nid, got in zip(open_, fetched):
+            results = search.fold(got)
+            counts[nid][0] += len(results)
+            counts[nid][1] += sum(bool(r and r.outcome) for r in results)
+            drawn, successes = counts[nid]
+            if drawn < k and not (adaptive.enabled and adaptive.decided(successes, drawn)):
+                still.append(nid)
+        open_ = still
+    return {nid: (drawn, successes) for nid, (drawn, successes) in counts.items()}
 
 
 async def _omegaprm(search: ProblemSearch, policy: list[dict], config: BinarySearchConfig) -> list[SearchResult]:

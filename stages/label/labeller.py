@@ -21,6 +21,16 @@ TABLES = ("evaluations", "rollouts", "nodes", "rejects")
 TREE = TREE_SLOTS[:2]  # a labeller reads the trajectories before its own completions: imported and sampled
 
 
+def key_settings(config) -> dict:
+    """A labeller's settings as they enter its key: all of them, except a setting added later while
+    it holds the value that reproduces what earlier stores hold (the config class's ``LEGACY``)."""
+    settings = config.model_dump()
+    for name, legacy in getattr(config, "LEGACY", {}).items():
+        if settings.get(name) == legacy:
+            del settings[name]
+    return settings
+
+
 def labeller_stage(
     name: str, version: int, config_name: str, config_field: str | None, label: Callable[..., Iterable[Record]],
     progress: Callable[[list], int] | None = None, doc: str = "",
@@ -38,6 +48,6 @@ def labeller_stage(
         name=name, version=version, slot=SLOT, after="rollouts", kind="label", writes=TABLES,
         reads={"problems": ("problems",), "rollouts": TREE, "nodes": TREE}, run=run,
         # The policy's engine and the labeller's settings shape the completions it spends.
-        key=lambda ctx, shard: (ctx.engine(), getattr(ctx.config, config_field).model_dump()),
+        key=lambda ctx, shard: (ctx.engine(), key_settings(getattr(ctx.config, config_field))),
         chosen=lambda config: config.labeller == config_name, config_field=config_field, doc=doc,
     )

@@ -23,10 +23,12 @@ Writes an ``mcts`` evaluation per step in the tree: value = Q = W/N, n = N, succ
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from typing import ClassVar
 
 from pydantic import Field
 
@@ -51,10 +53,21 @@ VERSION = 1
 class MCTSConfig(CompletionConfig):
     """Sampling, prompt and split (shared with the rollout stage) come from ``CompletionConfig``."""
 
+    # Settings added after stores existed, with the value that reproduces what those stores hold:
+    # left out of the stage key at that value, and given it when an old run's recorded config
+    # lacks them (``flows.config.upgrade_recorded``), so an old run resumes without regenerating.
+    LEGACY: ClassVar[dict[str, object]] = {"parallel_simulations": 1}
+
     iterations: int = Field(default=40, ge=1, description="Select-expand-backup iterations per problem.")
     breadth: int = Field(default=5, ge=1, description="Completions sampled when a step is expanded (candidate next steps).")
     max_depth: int = Field(default=8, ge=1, description="Steps deeper than this are simulated once more instead of expanded.")
     c_puct: float = Field(default=1.5, ge=0.0, description="Exploration weight of the PUCT selection rule.")
+    parallel_simulations: int = Field(
+        default=8, ge=1,
+        description="Simulations expanded at once per problem: each round selects up to this many leaves (with a "
+        "virtual loss on each selected path, so they spread out), samples them all concurrently, then backs them "
+        "up in selection order. Keeps a batching server busy; 1 is sequential MCTS (the papers').",
+    )
     widening_exponent: float | None = Field(
         default=None, gt=0.0, lt=1.0,
         description="Progressive widening: an expanded step visited N times gets one more sample whenever the "
@@ -74,6 +87,11 @@ class TreeStats:
         for nid in path:
             self.n[nid] += 1
             self.w[nid] += reward
+
+    def unvisit(self, path: Iterable[str]) -> None:
+        """Take back a virtual loss (a visit with reward 0) along ``path``."""
+        for nid in path:
+            self.n[nid] -= 1
 
     def q(self, nid: str) -> float:
         return self.w[nid] / self.n[nid] if self.n[nid] else 0.0
@@ -105,33 +123,56 @@ def _full_path(rollout: Rollout | None, prefix_path: list[str]) -> list[str]:
     return [ROOT, *(rollout.node_ids if rollout is not None else prefix_path[1:])]
 
 
+def _select(search: ProblemSearch, stats: TreeStats, expanded: set[str], config: MCTSConfig) -> tuple[str, list[str], bool]:
+    """Descend by PUCT through expanded steps: the step to grow, its path, and whether it is a widening."""
+    node, path = ROOT, [ROOT]
+    while node in expanded:
+        if config.widening_exponent is not None and policy_samples(search, node) < stats.n[node] ** config.widening_exponent:
+            return node, path, True
+        if not search.children.get(node):
+            break
+        node = select_child(search, stats, node, config.c_puct)
+        path.append(node)
+    return node, path, False
+
+
 async def search_problem(search: ProblemSearch, policy: list[dict], config: MCTSConfig) -> TreeStats:
+    """``config.iterations`` select-expand-backup iterations, up to ``parallel_simulations`` of them
+    per round: a round selects its leaves one after another, each selection adding a virtual visit
+    (a loss) along its path so the next one spreads to other branches, then expands them all at
+    once and backs the results up in selection order. Decisions depend only on results, never on
+    which answer arrived first; with one simulation per round it is plain sequential MCTS."""
     stats = TreeStats()
     for rollout in policy:
         stats.backup([ROOT, *rollout["node_ids"]], int(bool(rollout["outcome"])))
     expanded = {ROOT} if policy else set()
-    for _ in range(config.iterations):
-        node, path, widen = ROOT, [ROOT], False
-        while node in expanded:
-            if config.widening_exponent is not None and policy_samples(search, node) < stats.n[node] ** config.widening_exponent:
-                widen = True
+    done, exhausted = 0, False
+    while done < config.iterations and not exhausted:
+        batch: list[tuple[str, list[str], int]] = []
+        while done < config.iterations and len(batch) < config.parallel_simulations:
+            node, path, widen = _select(search, stats, expanded, config)
+            if any(node == pending for pending, _, _ in batch):
+                break  # this round already grows it: select again once its results are in
+            if node in expanded and not widen:
+                exhausted = True  # every expansion of this step failed: nothing left to grow
                 break
-            if not search.children.get(node):
-                break
-            node = select_child(search, stats, node, config.c_puct)
-            path.append(node)
-        if node in expanded and not widen:
-            break  # every expansion of this step failed: nothing left to grow
-        if not widen and node != ROOT and search.is_terminal(node):
-            # A final step: its reward is known; re-scoring it costs no generation.
-            stats.backup(path, int(2 * search.successes[node] > search.visits[node]))
+            done += 1
+            if not widen and node != ROOT and search.is_terminal(node):
+                # A final step: its reward is known; re-scoring it costs no generation.
+                stats.backup(path, int(2 * search.successes[node] > search.visits[node]))
+                continue
+            simulations = 1 if widen or len(path) - 1 >= config.max_depth else config.breadth
+            if not widen and simulations == config.breadth:
+                expanded.add(node)
+            batch.append((node, path, simulations))
+            stats.backup(path, 0)  # the virtual loss, taken back before the real backup
+        if not batch:
             continue
-        simulations = 1 if widen or len(path) - 1 >= config.max_depth else config.breadth
-        results = await search.sample(None if node == ROOT else node, simulations)
-        if not widen and simulations == config.breadth:
-            expanded.add(node)
-        for rollout in results:
-            stats.backup(_full_path(rollout, path), int(bool(rollout and rollout.outcome)))
+        fetched = await asyncio.gather(*(search.fetch(None if node == ROOT else node, k) for node, _, k in batch))
+        for (node, path, _), got in zip(batch, fetched):
+            stats.unvisit(path)
+            for rollout in search.fold(got):
+                stats.backup(_full_path(rollout, path), int(bool(rollout and rollout.outcome)))
     return stats
 
 

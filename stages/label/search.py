@@ -160,14 +160,27 @@ class ProblemSearch:
         A failed or empty completion is a failed attempt for the prefix (as in Math-Shepherd)
         and a reject row; it returns None in its place.
         """
+        return self.fold(await self.fetch(nid, n))
+
+    async def fetch(self, nid: str | None, n: int) -> tuple:
+        """The generation half of ``sample``: draw ``n`` completions after ``nid`` (their sample
+        indices are taken now, in call order) without folding them in. Searches that run several
+        fetches at once fold the results in their own order, so the tree never depends on which
+        answer arrived first."""
         prefix = self.path(nid)
         c = self.completion
         request = build_request(self.problem.question, list(prefix.texts), n, c.prompt, c.split, c.sampling)
         key = nid or ROOT
         start = self.drawn[key]
         self.drawn[key] += n
+        return nid, prefix, start, await self.client.generate_each(request, start=start)
+
+    def fold(self, fetched: tuple) -> list[Rollout | None]:
+        """Fold a ``fetch``'s completions into the counts, in index order."""
+        nid, prefix, start, generated = fetched
+        key = nid or ROOT
         results: list[Rollout | None] = []
-        for index, result in enumerate(await self.client.generate_each(request, start=start), start):
+        for index, result in enumerate(generated, start):
             rollout, new_nodes, reject = self.builder.from_result(
                 self.stage, self.problem.problem_id, self.problem.gold_answer, prefix, result, self.origin, index,
                 item=f"{key}#{index}",

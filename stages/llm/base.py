@@ -13,10 +13,14 @@ index and seed — so a crashed or repeated run replays instead of paying for to
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import threading
 import time
+from collections import Counter, deque
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Iterator, Protocol
 
 from stepforge.schemas.ids import content_hash
 
@@ -136,6 +140,9 @@ class GenerationCacheLike(Protocol):
 
 @dataclass
 class ClientStats:
+    """A client's (or backend's) traffic in this process. Several shards run at once on threads of
+    their own, so changes take a lock; the in-flight integral is exact under any interleaving."""
+
     requests: int = 0
     samples: int = 0
     cache_hits: int = 0
@@ -148,6 +155,7 @@ class ClientStats:
     max_in_flight_seen: int = 0
     _in_flight: int = field(default=0, repr=False)
     _last_change: float = field(default=0.0, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def _tick(self) -> None:
         now = time.perf_counter()
@@ -158,25 +166,130 @@ class ClientStats:
         self._last_change = now
 
     def enter(self) -> None:
-        self._tick()
-        self._in_flight += 1
-        self.max_in_flight_seen = max(self.max_in_flight_seen, self._in_flight)
+        with self._lock:
+            self._tick()
+            self._in_flight += 1
+            self.max_in_flight_seen = max(self.max_in_flight_seen, self._in_flight)
 
     def leave(self) -> None:
-        self._tick()
-        self._in_flight -= 1
+        with self._lock:
+            self._tick()
+            self._in_flight -= 1
+
+    def add(self, name: str, amount: int = 1) -> None:
+        with self._lock:
+            setattr(self, name, getattr(self, name) + amount)
+
+    def area_now(self) -> float:
+        """∫ in_flight dt up to this instant (the integral so far plus the open interval)."""
+        with self._lock:
+            self._tick()
+            return self.in_flight_area
 
     @property
     def mean_in_flight(self) -> float:
+        """Mean in flight *while anything was*: hides the idle time between stages and shards; a run's
+        truthful figure is over its whole wall time (``RunContext.saturation``)."""
         return self.in_flight_area / self.busy_seconds if self.busy_seconds else 0.0
 
     def as_dict(self) -> dict:
         return {
             "requests": self.requests, "samples": self.samples, "cache_hits": self.cache_hits,
             "generated": self.generated, "generated_tokens": self.generated_tokens,
-            "failures": self.failures, "mean_in_flight": round(self.mean_in_flight, 3),
+            "failures": self.failures, "mean_in_flight_while_busy": round(self.mean_in_flight, 3),
             "max_in_flight": self.max_in_flight_seen, "busy_seconds": round(self.busy_seconds, 3),
         }
+
+
+class Meter:
+    """One unit of work's share (one stage over one problem shard) of every client's and backend's
+    counts. Shards run concurrently in one process, so a shard's stats cannot be a difference of
+    process-wide counters taken before and after: each increment is also charged to the meter of
+    the work that caused it (``metered``), found through a context variable that follows the work
+    into its event loop's tasks and is handed explicitly to a backend's own thread."""
+
+    def __init__(self) -> None:
+        self._counts: dict[int, Counter] = {}
+        self._lock = threading.Lock()
+
+    def add(self, owner: object, name: str, amount: float = 1) -> None:
+        with self._lock:
+            self._counts.setdefault(id(owner), Counter())[name] += amount
+
+    def of(self, owner: object) -> Counter:
+        with self._lock:
+            return Counter(self._counts.get(id(owner), ()))
+
+
+_METER: ContextVar[Meter | None] = ContextVar("stepforge_meter", default=None)
+
+
+def current_meter() -> Meter | None:
+    return _METER.get()
+
+
+@contextlib.contextmanager
+def metered() -> Iterator[Meter]:
+    """Charge the generation work done in this context (and the tasks it starts) to a new meter."""
+    meter = Meter()
+    token = _METER.set(meter)
+    try:
+        yield meter
+    finally:
+        _METER.reset(token)
+
+
+class SharedBound:
+    """At most ``limit`` holders at once across every thread and event loop of the process.
+
+    An ``asyncio.Semaphore`` belongs to one loop, and concurrent shards each run their stage on a
+    loop of their own; this bound is the one all of them share, so the engine sees ``limit``
+    samples in flight, not ``limit`` per shard. Waiters are served first come, first served.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._free = limit
+        self._waiters: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = deque()
+        self._lock = threading.Lock()
+
+    async def __aenter__(self) -> None:
+        with self._lock:
+            if self._free > 0 and not self._waiters:
+                self._free -= 1
+                return
+            loop = asyncio.get_running_loop()
+            waiter = (loop, loop.create_future())
+            self._waiters.append(waiter)
+        try:
+            await waiter[1]
+        except asyncio.CancelledError:
+            with self._lock:
+                queued = waiter in self._waiters
+                if queued:
+                    self._waiters.remove(waiter)
+            if not queued and waiter[1].done() and not waiter[1].cancelled():
+                self._release()  # granted, then cancelled before it ran: pass the slot on
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        with self._lock:
+            while self._waiters:
+                loop, future = self._waiters.popleft()
+                if loop.is_closed():
+                    continue
+                loop.call_soon_threadsafe(self._grant, future)
+                return
+            self._free += 1
+
+    def _grant(self, future: asyncio.Future) -> None:
+        if future.cancelled():
+            self._release()  # its task gave up waiting after the slot was handed over
+        else:
+            future.set_result(None)
 
 
 class GenerationError(RuntimeError):
@@ -194,8 +307,7 @@ class GenerationClient:
         self.cache = cache
         self.max_in_flight = max_in_flight or backend.max_in_flight
         self.stats = ClientStats()
-        self._semaphore: asyncio.Semaphore | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._bound = SharedBound(self.max_in_flight)
 
     @property
     def model_id(self) -> str:
@@ -203,31 +315,37 @@ class GenerationClient:
 
     COUNTED = ("samples", "cache_hits", "generated", "generated_tokens", "failures")
 
-    def counters(self) -> dict[str, float]:
-        """Monotone counts of this client's work and, where the backend keeps them, of its traffic
-        (HTTP requests, retries and give-ups by reason, tokens, cost): a shard's stats are their deltas."""
-        stats = self.stats.as_dict()
-        counts: dict[str, float] = {name: stats[name] for name in self.COUNTED}
+    def counters(self, meter: Meter | None = None) -> dict[str, float]:
+        """Counts of this client's work and, where the backend keeps them, of its traffic (HTTP
+        requests, retries and give-ups by reason, tokens, cost): the process's totals, or with a
+        ``meter`` the share charged to it (a shard's stats)."""
+        if meter is None:
+            stats = self.stats.as_dict()
+            counts: dict[str, float] = {name: stats[name] for name in self.COUNTED}
+            counts["in_flight_seconds"] = round(self.stats.area_now(), 3)
+        else:
+            mine = meter.of(self)
+            counts = {name: mine[name] for name in self.COUNTED}
+            counts["in_flight_seconds"] = round(mine["in_flight_seconds"], 3)
         if callable(backend_counters := getattr(self.backend, "counters", None)):
-            counts.update(backend_counters())
+            counts.update(backend_counters() if meter is None else backend_counters(meter))
         return counts
 
-    def _sem(self) -> asyncio.Semaphore:
-        loop = asyncio.get_running_loop()
-        if self._semaphore is None or self._loop is not loop:
-            self._semaphore, self._loop = asyncio.Semaphore(self.max_in_flight), loop
-        return self._semaphore
+    def _count(self, meter: Meter | None, name: str, amount: int = 1) -> None:
+        self.stats.add(name, amount)
+        if meter is not None:
+            meter.add(self, name, amount)
 
     async def generate(self, request: GenerationRequest, start: int = 0) -> list[Generation]:
         """``request.n`` independent samples (indices ``start`` … ``start + n - 1``), each replayed
         from the cache when present. Asking for more samples of one prompt later (adaptive
         sampling, repeated simulations) continues the index, so earlier samples are never redrawn."""
-        self.stats.requests += 1
+        self._count(current_meter(), "requests")
         return list(await asyncio.gather(*(self._sample(request, i) for i in range(start, start + request.n))))
 
     async def generate_each(self, request: GenerationRequest, start: int = 0) -> list[Generation | GenerationError]:
         """Like ``generate``, but a failed sample is returned as its error instead of failing the rest."""
-        self.stats.requests += 1
+        self._count(current_meter(), "requests")
         return list(
             await asyncio.gather(
                 *(self._sample(request, i) for i in range(start, start + request.n)), return_exceptions=True
@@ -235,13 +353,15 @@ class GenerationClient:
         )
 
     async def _sample(self, request: GenerationRequest, index: int) -> Generation:
-        self.stats.samples += 1
+        meter = current_meter()
+        self._count(meter, "samples")
         key = request.sample_key(self.model_id, index)
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
-            self.stats.cache_hits += 1
+            self._count(meter, "cache_hits")
             return hit
-        async with self._sem():
+        async with self._bound:
             self.stats.enter()
+            started = time.perf_counter()
             try:
                 seed = (
                     request.consecutive_seed(self.model_id, index)
@@ -249,13 +369,15 @@ class GenerationClient:
                 )
                 generation = await self.backend.generate(request, seed)
             except Exception as exc:
-                self.stats.failures += 1
+                self._count(meter, "failures")
                 raise GenerationError(f"{type(exc).__name__}: {exc}") from exc
             finally:
                 self.stats.leave()
+                if meter is not None:  # this sample's share of the in-flight integral
+                    meter.add(self, "in_flight_seconds", time.perf_counter() - started)
         generation = dataclasses.replace(generation, key=key, cached=False)
-        self.stats.generated += 1
-        self.stats.generated_tokens += generation.num_tokens
+        self._count(meter, "generated")
+        self._count(meter, "generated_tokens", generation.num_tokens)
         if self.cache is not None:
             self.cache.put(key, generation)
         return generation
