@@ -14,7 +14,8 @@ Per labeller and capacity, one run from an empty store, reported in one table:
 - wall time over the ideal (the server's slot-seconds / capacity: the run with the server full);
 - client CPU per HTTP request (this process's CPU time, user + system, over requests sent:
   everything but the server: stages, cache, Parquet, HTTP);
-- labelled steps per hour and first-error accuracy against the world's known first errors.
+- labelled steps per hour (all of them, and the policy rollouts' steps alone: MCTS also labels
+  the steps of its own completions) and first-error accuracy against the world's known first errors.
 
     python benchmarks/saturation.py --problems 500                     # the issue's check, cap. 256
     python benchmarks/saturation.py --problems 500 --capacity 16,64,256,1024 --labellers binary_search
@@ -103,8 +104,10 @@ def config(args: argparse.Namespace, root: Path, source: Path, labeller: str, ca
     })
 
 
-def accuracy(store: Path, run: str) -> tuple[int, float]:
-    """Labelled steps, and first-error accuracy over the policy rollouts whose steps are all labelled."""
+def accuracy(store: Path, run: str) -> tuple[int, int, float]:
+    """Labelled steps (every step with a label: policy steps and the steps of the labeller's own
+    completions), labelled policy steps, and first-error accuracy over the policy rollouts whose
+    steps are all labelled."""
     with Catalog(store) as catalog:
         catalog.refresh(run=run)
         rows = catalog.query(
@@ -117,13 +120,14 @@ def accuracy(store: Path, run: str) -> tuple[int, float]:
         ).to_pylist()
         labelled = catalog.query("select count(*) n from labels").to_pylist()[0]["n"]
     scored = right = 0
+    policy_labelled = sum(row["labelled"] for row in rows)
     for row in rows:
         if row["labelled"] != row["steps"]:
             continue
         predicted = next((j for j, label in enumerate(row["labels"]) if label < 0), -1)
         scored += 1
         right += predicted == first_error(row["question"], row["texts"])
-    return labelled, (right / scored if scored else float("nan"))
+    return labelled, policy_labelled, (right / scored if scored else float("nan"))
 
 
 def measure(args: argparse.Namespace, labeller: str, capacity: int, source: Path) -> dict:
@@ -141,7 +145,7 @@ def measure(args: argparse.Namespace, labeller: str, capacity: int, source: Path
             sat = ctx.saturation()["generation"]
             metrics = server.metrics()
             requests = backend.counters()["http_requests"]
-            labelled, first_error_acc = accuracy(Path(tmp), cfg.run)
+            labelled, policy_labelled, first_error_acc = accuracy(Path(tmp), cfg.run)
             ctx.close()
     finally:
         summary = server.close()
@@ -156,6 +160,7 @@ def measure(args: argparse.Namespace, labeller: str, capacity: int, source: Path
         "client_cpu_ms_per_request": round(cpu * 1000 / max(requests, 1), 3),
         "requests_per_s": round(requests / wall, 1),
         "labelled_steps": labelled, "labelled_steps_per_hour": round(labelled * 3600 / wall),
+        "policy_steps_labelled_per_hour": round(policy_labelled * 3600 / wall),
         "first_error_acc": round(first_error_acc, 3), "server_summary": summary,
     }
 

@@ -70,9 +70,11 @@ class RunConfig(BaseModel):
     split: SplitConfig = Field(default_factory=SplitConfig, description="How solutions are cut into steps (all stages).")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Sampling of solutions.")
     labeller: Literal["mc", "binary_search", "mcts", "none"] = Field(
-        default="mc",
-        description="How steps are valued: mc (Math-Shepherd: K completions after every step; section mc_label), "
-        "binary_search (OmegaPRM first-error search with rollout reuse; section binary_search), "
+        default="binary_search",
+        description="How steps are valued: binary_search (the default: OmegaPRM first-error search with rollout "
+        "reuse and adaptive sampling; section binary_search; measured in benchmarks/RESULTS.md to label the same "
+        "steps as mc, more accurately, for about a third of the completions), "
+        "mc (Math-Shepherd: K completions after every step; section mc_label), "
         "mcts (AlphaMath-style tree search; section mcts), none (no Monte Carlo evidence: verifiers, "
         "imported labels and humans only).",
     )

@@ -177,3 +177,29 @@ def test_search_decisions_do_not_depend_on_the_order_answers_arrive_in(tmp_path,
         tables.append(stored_rows(tmp_path / name))
     assert tables[0] == tables[1]
     assert tables[0]["labels"]
+
+
+def test_over_http_a_run_at_16_in_flight_and_at_256_makes_the_same_tables(tmp_path):
+    """Through the HTTP backend against ``world serve`` as a simulated batching server: one shard at a
+    time with 16 in flight, and every shard at once with 256, give identical tables."""
+    from test_world_server import world_server
+
+    latency = ("--capacity", "64", "--ttft-ms", "2", "--tpot-ms", "0.1", "--slip-rate", "0.15",
+               "--wrong-op-rate", "0.1", "--recover-rate", "0.2")
+    with world_server(tmp_path / "server.log", *latency) as (url, _):
+        for name, shards_at_once, in_flight in (("narrow", 1, 16), ("wide", 7, 256)):
+            base = world_config(tmp_path, name, "mcts", concurrent_shards=shards_at_once, max_in_flight=in_flight)
+            config = RunConfig.model_validate({
+                **base.model_dump(mode="json"),
+                "backend": {"kind": "openai", "model": "world", "max_in_flight": in_flight,
+                            "http": {"base_url": f"{url}/v1", "server": "vllm"}},
+            })
+            ctx = runtime.RunContext(config)
+            try:
+                runtime.run_shards(ctx, runtime.ingest_shards(ctx)[0])
+                generated = ctx.client().stats.generated
+                counters = ctx.client().backend.counters()
+            finally:
+                ctx.close()
+            assert generated > 100 and counters["http_requests"] == generated
+    assert stored_rows(tmp_path / "narrow") == stored_rows(tmp_path / "wide")

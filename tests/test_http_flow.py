@@ -38,6 +38,7 @@ def write_config(tmp: Path, name: str, model: str) -> Path:
         "ingest": {"source": str(FIXTURES / "gsm8k_sample.jsonl"), "format": "gsm8k", "limit": 3},
         "split": {"mode": "newline"},
         "rollout": {"samples_per_problem": 3, "sampling": {"max_tokens": 64, "temperature": 0.9}},
+        "labeller": "mc",
         "mc_label": {"completions_per_step": 3, "sampling": sampling},
     }
     path = tmp / f"{name}.yaml"

@@ -43,6 +43,7 @@ def small_config(tmp: Path, source: Path, **overrides) -> RunConfig:
         "ingest": {"source": str(source), "format": "gsm8k"},
         "split": {"mode": "newline"},
         "rollout": {"samples_per_problem": 2, "sampling": {"max_tokens": 48, "temperature": 0.9}},
+        "labeller": "mc",
         "mc_label": {"completions_per_step": K, "sampling": {"max_tokens": 40, "temperature": 0.9, "seed": 1}},
     }
     data.update(overrides)

@@ -31,6 +31,7 @@ def write_config(tmp: Path, name: str, source: Path) -> Path:
         "backend": {"kind": "synthetic", "world": {"slip_rate": 0.2, "wrong_op_rate": 0.1}},
         "ingest": {"source": str(source), "format": "gsm8k"},
         "rollout": {"samples_per_problem": 2, "sampling": {**sampling, "seed": 0}},
+        "labeller": "mc",
         "mc_label": {"completions_per_step": 2, "sampling": sampling},
         "plugins": {"step_lengths": {"min_chars": 20}},
     }

@@ -60,8 +60,9 @@ class BinarySearchConfig(CompletionConfig):
 
     completions_per_prefix: int = Field(default=8, ge=1, description="k: completions that estimate one midpoint prefix.")
     adaptive: AdaptiveConfig = Field(
-        default_factory=AdaptiveConfig,
-        description="Stop a midpoint's sampling at its first success (the search only asks 'is the value 0?').",
+        default_factory=lambda: AdaptiveConfig(enabled=True),
+        description="Stop a midpoint's sampling at its first success (the search only asks 'is the value 0?'); on by "
+        "default.",
     )
     selection: Literal["every_wrong_rollout", "omegaprm"] = Field(
         default="every_wrong_rollout",
