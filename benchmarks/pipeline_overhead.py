@@ -35,6 +35,7 @@ def make_context(root: Path, problems: int, args: argparse.Namespace) -> runtime
         "ingest": {"source": str(FIXTURE), "format": "gsm8k", "limit": problems},
         "split": {"mode": "newline"},
         "rollout": {"samples_per_problem": args.rollouts, "sampling": {"max_tokens": 64, "temperature": 0.9}},
+        "labeller": "mc",
         "mc_label": {"completions_per_step": args.k, "sampling": {"max_tokens": 48, "temperature": 0.9, "seed": 1}},
     }))
 

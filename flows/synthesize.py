@@ -95,6 +95,8 @@ def _chains(config: dict, problem_shards: list[dict], submit: bool) -> list[dict
         keys = runtime.chain_keys(ctx, problem_shard["shard"])
         done: dict = {runtime.ROOT: problem_shard}
         for slot in chain.stage_slots:
+            if not submit:
+                runtime.stop_if_interrupted()
             upstream = {s: done[s] for s in (runtime.ROOT, *chain.stage(slot).needs)}
             call = tasks[slot].submit if submit else tasks[slot]
             done[slot] = call(config, slot, keys[slot], upstream)

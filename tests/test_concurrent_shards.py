@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -203,3 +204,29 @@ def test_over_http_a_run_at_16_in_flight_and_at_256_makes_the_same_tables(tmp_pa
                 ctx.close()
             assert generated > 100 and counters["http_requests"] == generated
     assert stored_rows(tmp_path / "narrow") == stored_rows(tmp_path / "wide")
+
+
+def test_when_a_shard_fails_the_open_ones_stop_at_their_next_stage():
+    failed, running = threading.Event(), threading.Event()
+    stopped = []
+
+    def work(n):
+        if n == 0:
+            assert running.wait(60)  # shard 1 is open when shard 0 fails
+            failed.set()
+            raise ValueError("shard 0 broke")
+        running.set()
+        assert failed.wait(60)
+        for _ in range(6000):  # the stop is set once the failure reaches run_concurrently
+            try:
+                runtime.stop_if_interrupted()
+            except runtime.Interrupted:
+                stopped.append(n)
+                raise
+            time.sleep(0.01)
+        return n
+
+    with pytest.raises(ValueError, match="shard 0 broke"):
+        runtime.run_concurrently(work, [0, 1], 2)
+    assert stopped == [1]
+    runtime.stop_if_interrupted()  # outside a concurrent run nothing is stopped

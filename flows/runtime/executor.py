@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextvars
 import os
 import socket
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -92,8 +93,24 @@ def run_chain(ctx: RunContext, problem_shard: ShardManifest) -> dict[str, ShardM
     keys = chain_keys(ctx, problem_shard.shard)
     chain = {ROOT: problem_shard}
     for slot in ctx.chain.stage_slots:
+        stop_if_interrupted()
         chain[slot] = run_stage(ctx, slot, keys[slot], chain)
     return chain
+
+
+class Interrupted(Exception):
+    """A concurrent run was interrupted: this shard stopped between two stages."""
+
+
+# Set for the shards of one ``run_concurrently`` call when it is interrupted (Ctrl-C, a failure).
+_STOP: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("stepforge_stop", default=None)
+
+
+def stop_if_interrupted() -> None:
+    """Raise ``Interrupted`` if the concurrent run this shard belongs to was interrupted: a shard
+    stops between stages (each stage's shard is written whole or not at all)."""
+    if (stop := _STOP.get()) is not None and stop.is_set():
+        raise Interrupted("the run was interrupted")
 
 
 S = TypeVar("S")
@@ -103,19 +120,25 @@ R = TypeVar("R")
 def run_concurrently(work: Callable[[S], R], shards: Sequence[S], at_once: int) -> list[R]:
     """``work(shard)`` for every shard, at most ``at_once`` at a time on threads of this process,
     results in input order. Each call runs in a copy of the caller's context (a Prefect flow
-    run's, a meter's). The first failure stops new shards from starting; the running ones finish
-    (their shards are complete and resume skips them), then it is raised."""
+    run's, a meter's). On the first failure, or Ctrl-C, no new shard starts and the open ones stop
+    at their next stage boundary (``stop_if_interrupted``); then it is raised."""
     if at_once <= 1 or len(shards) <= 1:
         return [work(shard) for shard in shards]
-    with ThreadPoolExecutor(max_workers=min(at_once, len(shards)), thread_name_prefix="shard") as pool:
+    stop = threading.Event()
+    token = _STOP.set(stop)
+    pool = ThreadPoolExecutor(max_workers=min(at_once, len(shards)), thread_name_prefix="shard")
+    try:
         futures = [pool.submit(contextvars.copy_context().run, work, shard) for shard in shards]
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)
         if failed := [f for f in futures if f in done and f.exception() is not None]:
-            for future in futures:
-                future.cancel()
-            wait(futures)
             raise failed[0].exception()
         return [future.result() for future in futures]
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        _STOP.reset(token)
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def run_shards(ctx: RunContext, problem_shards: Sequence[ShardManifest]) -> list[dict[str, ShardManifest]]:
