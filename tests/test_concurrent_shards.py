@@ -15,13 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from cli_runs import table_rows
 from stepforge.flows import runtime
 from stepforge.flows.config import RunConfig
-from stepforge.schemas.records import TABLES
 from stepforge.stages.instruments.synthetic import SyntheticBackend, WorldConfig, make_problems
 from stepforge.stages.llm import GenerationCache, GenerationClient
 from stepforge.stages.llm.base import SharedBound
-from stepforge.storage.catalog import Catalog
 
 
 def world_config(tmp: Path, store: str, labeller: str, *, concurrent_shards: int, max_in_flight: int) -> RunConfig:
@@ -43,13 +42,6 @@ def world_config(tmp: Path, store: str, labeller: str, *, concurrent_shards: int
     })
 
 
-def stored_rows(store: Path) -> dict[str, list[str]]:
-    with Catalog(store) as catalog:
-        catalog.refresh()
-        return {t: sorted(json.dumps(r, sort_keys=True, default=str) for r in catalog.query(f"select * from {t}").to_pylist())
-                for t in TABLES}
-
-
 @pytest.mark.parametrize("labeller", ["mc", "binary_search", "mcts"])
 def test_tables_do_not_depend_on_concurrent_shards_or_the_in_flight_bound(tmp_path, labeller):
     one = runtime.RunContext(world_config(tmp_path, "one", labeller, concurrent_shards=1, max_in_flight=16))
@@ -60,7 +52,7 @@ def test_tables_do_not_depend_on_concurrent_shards_or_the_in_flight_bound(tmp_pa
     many = runtime.RunContext(world_config(tmp_path, "many", labeller, concurrent_shards=7, max_in_flight=256))
     together = runtime.run_shards(many, runtime.ingest_shards(many)[0])
 
-    assert stored_rows(tmp_path / "one") == stored_rows(tmp_path / "many")
+    assert table_rows(tmp_path / "one") == table_rows(tmp_path / "many")
     assert [{s: m.shard for s, m in c.items()} for c in alone] == [{s: m.shard for s, m in c.items()} for c in together]
     # Each shard's stats are its own work: summed over shards they are the client's totals,
     # however the shards interleaved.
@@ -175,7 +167,7 @@ def test_search_decisions_do_not_depend_on_the_order_answers_arrive_in(tmp_path,
         cache = GenerationCache(ctx.store.root / "cache" / "generations.sqlite")
         ctx.clients["generation"] = GenerationClient(Counting(SyntheticBackend(world), scramble), cache, max_in_flight=64)
         runtime.run_shards(ctx, runtime.ingest_shards(ctx)[0])
-        tables.append(stored_rows(tmp_path / name))
+        tables.append(table_rows(tmp_path / name))
     assert tables[0] == tables[1]
     assert tables[0]["labels"]
 
@@ -203,7 +195,7 @@ def test_over_http_a_run_at_16_in_flight_and_at_256_makes_the_same_tables(tmp_pa
             finally:
                 ctx.close()
             assert generated > 100 and counters["http_requests"] == generated
-    assert stored_rows(tmp_path / "narrow") == stored_rows(tmp_path / "wide")
+    assert table_rows(tmp_path / "narrow") == table_rows(tmp_path / "wide")
 
 
 def test_when_a_shard_fails_the_open_ones_stop_at_their_next_stage():

@@ -56,7 +56,11 @@ class BackendConfig(BaseModel):
         "the model name the server serves; vllm: a model directory or Hugging Face id.",
     )
     n_ctx: int = Field(default=4096, ge=256, description="Context window in tokens (prompt + generation).")
-    n_threads: int | None = Field(default=None, description="CPU threads for llama.cpp; default all cores.")
+    n_threads: int | None = Field(
+        default=None,
+        description="CPU threads for llama.cpp; default the cores other processes are not keeping busy when the "
+        "model loads (at least one): a thread sharing its core with a busy process slows all of them.",
+    )
     max_in_flight: int | None = Field(
         default=None,
         ge=1,
