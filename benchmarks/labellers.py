@@ -74,7 +74,7 @@ def labellers(k: int, sampling: SamplingConfig, split: SplitConfig, prompt: Prom
     return {
         f"mc K={k}": (mc_label, mc_label.MCLabelConfig(completions_per_step=k, **common)),
         f"mc K={k} adaptive": (mc_label, mc_label.MCLabelConfig(completions_per_step=k, adaptive=adaptive, **common)),
-        f"binary k={k}": (binary_search, binary_search.BinarySearchConfig(completions_per_prefix=k, **common)),
+        f"binary k={k}": (binary_search, binary_search.BinarySearchConfig(completions_per_prefix=k, adaptive=AdaptiveConfig(), **common)),
         f"binary k={k} adaptive": (
             binary_search, binary_search.BinarySearchConfig(completions_per_prefix=k, adaptive=adaptive, **common)
         ),

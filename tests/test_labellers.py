@@ -82,7 +82,7 @@ def rollout_rows(problem: Problem, steps: list[str], outcome: bool, rollout_id: 
 def new_search(problem, backend, checker, nodes, stage="binary_search", origin="mc", sampling=SAMPLING) -> ProblemSearch:
     client = GenerationClient(backend)
     builder = TreeBuilder(SplitConfig(), checker, backend.count_tokens, backend.model_id, frozenset(nodes))
-    completion = binary_search.BinarySearchConfig(sampling=sampling)
+    completion = binary_search.BinarySearchConfig(adaptive=AdaptiveConfig(), sampling=sampling)
     return ProblemSearch(stage, origin, problem, client, builder, completion, nodes)
 
 
@@ -94,7 +94,7 @@ def test_binary_search_finds_the_first_error_in_at_most_ceil_log2_m_probes(lengt
     problem = problem_from(make_problems(1, length, seed=length)[0])
     right = solve(backend, problem)
     assert len(right) == length
-    config = binary_search.BinarySearchConfig(completions_per_prefix=4, sampling=SAMPLING)
+    config = binary_search.BinarySearchConfig(adaptive=AdaptiveConfig(), completions_per_prefix=4, sampling=SAMPLING)
     probe_counts = []
     for error_at in range(length):
         prefix = right[:error_at] + [with_slip(right[error_at])]
@@ -124,7 +124,7 @@ def test_binary_search_reuses_rollouts_a_correct_solution_costs_nothing(checker)
     bad, bad_nodes = rollout_rows(problem, wrong, False, "r-bad")
     search = new_search(problem, backend, checker, {**good_nodes, **bad_nodes})
     seed_policy_rollouts(search, [good, bad])
-    config = binary_search.BinarySearchConfig(completions_per_prefix=4, sampling=SAMPLING)
+    config = binary_search.BinarySearchConfig(adaptive=AdaptiveConfig(), completions_per_prefix=4, sampling=SAMPLING)
     result = asyncio.run(binary_search.search_first_error(search, "r-bad", bad["node_ids"], 0, config))
     assert result.first_error == 4
     # Steps 1-4 are shared with the correct rollout, so every probe among them is free.
@@ -171,7 +171,7 @@ def test_every_wrong_rollout_search_labels_every_policy_step_like_mc(checker):
     assert -1 in truth.values() and any(v >= 0 for v in truth.values()), "the sample needs right and wrong rollouts"
 
     bs, bs_client = run_labeller(binary_search, problems, rollouts, nodes,
-                                 binary_search.BinarySearchConfig(completions_per_prefix=8, sampling=SAMPLING),
+                                 binary_search.BinarySearchConfig(adaptive=AdaptiveConfig(), completions_per_prefix=8, sampling=SAMPLING),
                                  backend, checker)
     mc, mc_client = run_labeller(mc_label, problems, rollouts, nodes,
                                  mc_label.MCLabelConfig(completions_per_step=8, sampling=SAMPLING), backend, checker)
@@ -191,7 +191,7 @@ def test_omegaprm_screens_questions_and_respects_its_budget(checker):
     backend = SyntheticBackend(WorldConfig(slip_rate=0.2, wrong_op_rate=0.1))
     problems = [problem_from(row, i) for i, row in enumerate(make_problems(8, (4, 6), seed=5))]
     rollouts, nodes = sample_policy(backend, problems, checker, n=4)
-    config = binary_search.BinarySearchConfig(selection="omegaprm", max_searches=2, completions_per_prefix=4, sampling=SAMPLING)
+    config = binary_search.BinarySearchConfig(adaptive=AdaptiveConfig(), selection="omegaprm", max_searches=2, completions_per_prefix=4, sampling=SAMPLING)
     records, _ = run_labeller(binary_search, problems, rollouts, nodes, config, backend, checker)
     outcomes: dict[str, list[bool]] = {}
     for r in rollouts:
@@ -433,7 +433,7 @@ def test_failed_samples_become_generation_failed_rows_and_every_stage_goes_on(ch
     for e in (r for r in mc if isinstance(r, Evaluation) and r.source == "mc"):
         assert e.n == 3 - mc_failed[e.node_id], "a failed sample is drawn but is not evidence"
 
-    searched = list(binary_search.run(problems, rollouts, nodes, binary_search.BinarySearchConfig(
+    searched = list(binary_search.run(problems, rollouts, nodes, binary_search.BinarySearchConfig(adaptive=AdaptiveConfig(),
         completions_per_prefix=3, sampling=SAMPLING), GenerationClient(backend), checker))
     assert any(isinstance(r, Reject) and r.reason == "generation_failed" for r in searched)
     assert any(isinstance(r, Evaluation) for r in searched)
