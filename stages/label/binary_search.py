@@ -27,7 +27,6 @@ gets no evaluation rather than a guess.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 from collections import defaultdict
@@ -207,33 +206,12 @@ async def _lockstep(search: ProblemSearch, wrong: list[dict], config: BinarySear
                 b.decide(search, {"position": b.mid, "node_id": nid, "drawn": 0, "successes": 0, "reused": True})
         if not waiting:
             return [b.finish() for b in bisections]
-        for nid, (drawn, successes) in (await _estimate_together(search, list(waiting), k, config.adaptive)).items():
+        for nid, estimate in (await search.estimate_together(list(waiting), k, config.adaptive)).items():
             first, *others = waiting[nid]
-            first.decide(search, {"position": first.mid, "node_id": nid, "drawn": drawn, "successes": successes,
-                                  "reused": False})
+            first.decide(search, {"position": first.mid, "node_id": nid, "drawn": estimate.drawn,
+                                  "successes": estimate.successes, "reused": False})
             for b in others:
                 b.decide(search, {"position": b.mid, "node_id": nid, "drawn": 0, "successes": 0, "reused": True})
-
-
-async def _estimate_together(
-    search: ProblemSearch, nids: list[str], k: int, adaptive: AdaptiveConfig
-) -> dict[str, tuple[int, int]]:
-    """``ProblemSearch.estimate`` for several prefixes at once: (drawn, successes) by prefix."""
-    counts = {nid: [0, 0] for nid in nids}
-    batch = adaptive.batch if adaptive.enabled else k
-    open_ = list(nids)
-    while open_:
-        fetched = await asyncio.gather(*(search.fetch(nid, min(batch, k - counts[nid][0])) for nid in open_))
-        still = []
-        for nid, got in zip(open_, fetched):
-            results = search.fold(got)
-            counts[nid][0] += len(results)
-            counts[nid][1] += sum(bool(r and r.outcome) for r in results)
-            drawn, successes = counts[nid]
-            if drawn < k and not (adaptive.enabled and adaptive.decided(successes, drawn)):
-                still.append(nid)
-        open_ = still
-    return {nid: (drawn, successes) for nid, (drawn, successes) in counts.items()}
 
 
 async def _omegaprm(search: ProblemSearch, policy: list[dict], config: BinarySearchConfig) -> list[SearchResult]:

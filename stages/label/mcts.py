@@ -55,7 +55,7 @@ class MCTSConfig(CompletionConfig):
 
     # Settings added after stores existed, with the value that reproduces what those stores hold:
     # left out of the stage key at that value, and given it when an old run's recorded config
-    # lacks them (``flows.config.upgrade_recorded``), so an old run resumes without regenerating.
+    # lacks them (``flows.runtime.context.upgrade_recorded``), so an old run resumes without regenerating.
     LEGACY: ClassVar[dict[str, object]] = {"parallel_simulations": 1}
 
     iterations: int = Field(default=40, ge=1, description="Select-expand-backup iterations per problem.")

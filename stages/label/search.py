@@ -16,6 +16,7 @@ from. Samples of one prefix are numbered across moves (``GenerationClient.genera
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections import Counter
 from collections.abc import Iterable
@@ -211,15 +212,27 @@ class ProblemSearch:
 
     async def estimate(self, nid: str, k: int, adaptive: AdaptiveConfig) -> Estimate:
         """Up to ``k`` completions of a prefix, in rounds when adaptive sampling is on."""
-        drawn = successes = 0
+        return (await self.estimate_together([nid], k, adaptive))[nid]
+
+    async def estimate_together(self, nids: list[str], k: int, adaptive: AdaptiveConfig) -> dict[str, Estimate]:
+        """``estimate`` for several prefixes at once: their rounds in step, each round's completions
+        fetched together and folded in the order of ``nids``, so no estimate depends on which
+        answer arrived first."""
+        counts = {nid: [0, 0] for nid in nids}  # drawn, successes
         batch = adaptive.batch if adaptive.enabled else k
-        while drawn < k:
-            results = await self.sample(nid, min(batch, k - drawn))
-            drawn += len(results)
-            successes += sum(bool(r and r.outcome) for r in results)
-            if adaptive.decided(successes, drawn):
-                return Estimate(nid, drawn, successes, stopped_early=drawn < k)
-        return Estimate(nid, drawn, successes, stopped_early=False)
+        open_ = list(nids)
+        while open_:
+            fetched = await asyncio.gather(*(self.fetch(nid, min(batch, k - counts[nid][0])) for nid in open_))
+            still = []
+            for nid, got in zip(open_, fetched):
+                results = self.fold(got)
+                counts[nid][0] += len(results)
+                counts[nid][1] += sum(bool(r and r.outcome) for r in results)
+                drawn, successes = counts[nid]
+                if drawn < k and not adaptive.decided(successes, drawn):
+                    still.append(nid)
+            open_ = still
+        return {nid: Estimate(nid, drawn, successes, stopped_early=drawn < k) for nid, (drawn, successes) in counts.items()}
 
     def records(self) -> list[Record]:
         """The rollouts, nodes and rejects made, in (prefix, sample index) order, each node once."""
