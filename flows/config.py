@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from stepforge.flows.errors import ConfigError, read_yaml_mapping, validation_message
 from stepforge.stages.agent.agent_pairs import AgentPairsConfig
 from stepforge.stages.agent.augment import AugmentConfig
+from stepforge.stages.agent.episodes import AgentConfig
 from stepforge.stages.label.binary_search import BinarySearchConfig
 from stepforge.stages.consensus.policy import ConsensusConfig
 from stepforge.stages.export.datasets import ExportConfig
@@ -98,6 +99,10 @@ class RunConfig(BaseModel):
     )
     augment_backend: BackendConfig | None = Field(
         default=None, description="The reasoning writer's model and engine; None = the judge's, else the policy's."
+    )
+    agent: AgentConfig = Field(
+        default_factory=AgentConfig,
+        description="Live agent episodes (problems posed by ingest.environment): step limit, token budget, the tool.",
     )
     agent_pairs: AgentPairsConfig = Field(
         default_factory=AgentPairsConfig, description="Agent trajectories: wrong action vs a better sampled one."

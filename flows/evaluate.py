@@ -72,7 +72,7 @@ def score_task(config: dict, chains: list[dict[str, dict]], spec: str, benchmark
     loaded = [{slot: runtime.ShardManifest(**m) for slot, m in chain.items()} for chain in chains]
     method = method_config(spec)
     key = content_hash(
-        EVAL_STAGE, benchmark, method.model_dump(mode="json"), neutral_as, consensus.VERSION,
+        EVAL_STAGE, benchmark, consensus.key_settings(method), neutral_as, consensus.VERSION,
         sorted(chain[VERIFICATION].shard for chain in loaded),
     )
     done = ctx.store.manifest(ctx.run, EVAL_STAGE, key)

@@ -34,6 +34,14 @@ in a format when those keys are present with the right types.
     {"messages": [{"role": ..., "content": ..., ...}], "train_mask": list[bool]}
 
   ``train_mask`` has one flag per message; only assistant turns may be True, at least one is.
+- ``conversational_prompt_completion`` (TRL SFTTrainer's conversational prompt-completion
+  type; agent SFT with one row per trained turn)::
+
+    {"prompt": [messages], "completion": [assistant message(s)]}
+
+  SFTTrainer trains only on the completion (``completion_only_loss``, on by default for
+  prompt-completion rows), so everything in ``prompt`` is context without loss. No ``label``:
+  with one, a row is ``unpaired_preference``.
 - ``conversational_preference`` (TRL DPOTrainer, conversational with an explicit prompt)::
 
     {"prompt": [messages], "chosen": [assistant message], "rejected": [assistant message]}
@@ -65,6 +73,7 @@ FORMAT_KEYS: dict[str, tuple[str, ...]] = {
     "preference": ("prompt", "chosen", "rejected"),
     "unpaired_preference": ("prompt", "completion", "label"),
     "conversational_sft": ("messages", "train_mask"),
+    "conversational_prompt_completion": ("prompt", "completion"),
     "conversational_preference": ("prompt", "chosen", "rejected"),
     "step_decisions": ("action", "filter_reason"),
 }
@@ -191,6 +200,10 @@ def _conversational_sft_problems(row: Row) -> list[str]:
     return problems
 
 
+def _conversational_prompt_completion_problems(row: Row) -> list[str]:
+    return _message_problems(row["prompt"], "prompt") + _message_problems(row["completion"], "completion", ("assistant",))
+
+
 def _conversational_preference_problems(row: Row) -> list[str]:
     problems = _message_problems(row["prompt"], "prompt")
     for key in ("chosen", "rejected"):
@@ -285,6 +298,11 @@ def validate_conversational_sft(data: Rows) -> None:
     _validate("conversational_sft", data, _conversational_sft_problems)
 
 
+def validate_conversational_prompt_completion(data: Rows) -> None:
+    """Raise ``FormatError`` unless every row is ``{prompt: messages, completion: assistant messages}``."""
+    _validate("conversational_prompt_completion", data, _conversational_prompt_completion_problems)
+
+
 def validate_conversational_preference(data: Rows) -> None:
     """Raise ``FormatError`` unless every row is ``{prompt: messages, chosen/rejected: assistant messages}``."""
     _validate("conversational_preference", data, _conversational_preference_problems)
@@ -296,6 +314,10 @@ def validate_step_decisions(data: Rows) -> None:
 
 def is_conversational_sft(example: Row) -> bool:
     return _is("conversational_sft", example, _conversational_sft_problems)
+
+
+def is_conversational_prompt_completion(example: Row) -> bool:
+    return _is("conversational_prompt_completion", example, _conversational_prompt_completion_problems)
 
 
 def is_conversational_preference(example: Row) -> bool:
@@ -312,6 +334,7 @@ VALIDATORS: dict[str, Callable[[Rows], None]] = {
     "preference": validate_preference,
     "unpaired_preference": validate_unpaired_preference,
     "conversational_sft": validate_conversational_sft,
+    "conversational_prompt_completion": validate_conversational_prompt_completion,
     "conversational_preference": validate_conversational_preference,
     "step_decisions": validate_step_decisions,
 }

@@ -212,7 +212,7 @@ def test_filtered_sft_trains_only_on_kept_turns(tmp_path):
     from stepforge.storage.catalog import Catalog
 
     ctx, chains, exports = run_chains(agent_config(tmp_path))
-    assert set(exports) == {"agent_sft", "agent_dpo", "agent_step_rejects"}  # math formats do not apply
+    assert set(exports) == {"agent_sft", "agent_sft_steps", "agent_dpo", "agent_step_rejects"}  # math formats do not apply
     sft = load_from_disk(exports["agent_sft"]["path"])
     with Catalog(ctx.store.root) as catalog:
         catalog.refresh(run="agents", shards=chain_shard_keys(chains, ingest_shards(ctx)[1]))
@@ -257,7 +257,9 @@ def test_dataset_card_counts_equal_the_catalog_and_the_export_loads_back(tmp_pat
     target = tmp_path / "hub"
     result = CliRunner().invoke(app, ["export", "--store", str(ctx.store.root), "--run", "agents", "--push-to-hub", f"file://{target}"])
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in target.iterdir()) == ["README.md", "agent_dpo.parquet", "agent_sft.parquet", "agent_step_rejects.parquet"]
+    assert sorted(p.name for p in target.iterdir()) == [
+        "README.md", "agent_dpo.parquet", "agent_sft.parquet", "agent_sft_steps.parquet", "agent_step_rejects.parquet",
+    ]
     loaded = datasets.load_dataset(str(target), "agent_sft", split="train")
     assert loaded.num_rows == exports["agent_sft"]["rows"] and "train_mask" in loaded.column_names
     assert loaded[0]["messages"][0]["role"] == "system"

@@ -11,6 +11,7 @@ from stepforge.schemas.formats import (
     CONFLICTING_KEYS,
     FORMAT_KEYS,
     is_conversational_preference,
+    is_conversational_prompt_completion,
     is_conversational_sft,
     is_step_decisions,
     VALIDATORS,
@@ -45,6 +46,7 @@ _CALL = {"role": "assistant", "content": "", "tool_calls": [{"type": "function",
 _RESULT = {"role": "tool", "content": "Tokyo"}
 _ANSWER = {"role": "assistant", "content": "<answer>Tokyo</answer>"}
 CONVERSATIONAL_SFT = {"messages": [_TASK, _CALL, _RESULT, _ANSWER], "train_mask": [False, False, False, True]}
+CONVERSATIONAL_PROMPT_COMPLETION = {"prompt": [_TASK, _CALL, _RESULT], "completion": [_ANSWER]}
 CONVERSATIONAL_PREFERENCE = {"prompt": [_TASK], "chosen": [_CALL], "rejected": [_ANSWER]}
 STEP_DECISIONS = {"action": '{"role": "assistant"}', "filter_reason": "label_negative"}
 
@@ -54,6 +56,7 @@ CANONICAL: dict[str, dict[str, Any]] = {
     "preference": PREFERENCE,
     "unpaired_preference": UNPAIRED,
     "conversational_sft": CONVERSATIONAL_SFT,
+    "conversational_prompt_completion": CONVERSATIONAL_PROMPT_COMPLETION,
     "conversational_preference": CONVERSATIONAL_PREFERENCE,
     "step_decisions": STEP_DECISIONS,
 }
@@ -63,6 +66,7 @@ PREDICATES = {
     "preference": is_preference,
     "unpaired_preference": is_unpaired_preference,
     "conversational_sft": is_conversational_sft,
+    "conversational_prompt_completion": is_conversational_prompt_completion,
     "conversational_preference": is_conversational_preference,
     "step_decisions": is_step_decisions,
 }
@@ -81,6 +85,12 @@ INVALID = [
     ("conversational_sft", _with(CONVERSATIONAL_SFT, train_mask=[True, False, False, True]), ["non-assistant messages [0]"]),
     ("conversational_sft", _with(CONVERSATIONAL_SFT, train_mask=[False] * 4), ["trains on no turn"]),
     ("conversational_sft", _with(CONVERSATIONAL_SFT, train_mask=[True]), ["'train_mask' has 1 flags but 'messages' has 4"]),
+    ("conversational_prompt_completion", _with(CONVERSATIONAL_PROMPT_COMPLETION, completion=[_RESULT]),
+     ["completion[0] is not a message with role in ('assistant',)"]),
+    ("conversational_prompt_completion", _with(CONVERSATIONAL_PROMPT_COMPLETION, prompt=[]), ["'prompt' must be a non-empty"]),
+    ("conversational_prompt_completion", _with(CONVERSATIONAL_PROMPT_COMPLETION, completion=" 4"),
+     ["'completion' must be a non-empty list of messages"]),
+    ("conversational_prompt_completion", _with(CONVERSATIONAL_PROMPT_COMPLETION, label=True), ["unexpected keys ['label']"]),
     ("conversational_preference", _with(CONVERSATIONAL_PREFERENCE, chosen=[_TASK]), ["chosen[0] is not a message"]),
     ("conversational_preference", _with(CONVERSATIONAL_PREFERENCE, chosen=[_ANSWER]), ["identical"]),
     ("stepwise_supervision", _without(STEPWISE, "labels"), ["missing keys", "'labels'"]),

@@ -26,13 +26,17 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from stepforge.schemas.ids import content_hash, node_id
-from stepforge.schemas.records import Node, Pair, Problem, Record, Reject
+from stepforge.schemas.records import Evaluation, Node, Pair, Problem, Record, Reject
 from stepforge.stages.agent import trajectory as agent
+from stepforge.stages.agent.episodes import (
+    Episode, EpisodeBuilder, EpisodeRunner, EpisodeSampler, gold_check, live_environment,
+)
+from stepforge.stages.rollout.prompting import SamplingConfig
 from stepforge.stages.verify.agent_judge import AgentJudgeConfig, evaluation_of, grade_step
 from stepforge.stages.verify.judging import structured_output
 from stepforge.stages.llm.aio import run_in_order
-from stepforge.stages.llm.base import GenerationClient, GenerationRequest
-from stepforge.stages.tree import StepTree, failed_generation
+from stepforge.stages.llm.base import GenerationClient, GenerationError, GenerationRequest
+from stepforge.stages.tree import PathPrefix, StepTree, failed_generation, first_occurrences
 
 STAGE = "agent_pairs"
 VERSION = 1
@@ -55,6 +59,16 @@ class AgentPairsConfig(BaseModel):
     max_tokens: int = Field(default=256, ge=16, description="Generation budget of one alternative action.")
     seed: int = Field(default=0, description="Seed of the alternatives.")
     max_pairs_per_problem: int = Field(default=4, ge=1, description="At most this many pairs per task.")
+    continuations: int = Field(
+        default=4, ge=1,
+        description="Live agent tasks: episodes continued after each executed alternative to value it (its "
+        "Monte Carlo value); an alternative that answers is valued by its own outcome.",
+    )
+
+    def key(self, live: bool) -> dict:
+        """The settings as they enter the curation key (``continuations`` only for live agent tasks,
+        so stores of imported trajectories keep their keys)."""
+        return self.model_dump(mode="json", exclude=None if live else {"continuations"})
 
 
 def policy_messages(agent_info: Mapping[str, Any], context: list[dict]) -> tuple[tuple[str, str], ...]:
@@ -124,8 +138,11 @@ def run(
     judge_config: AgentJudgeConfig,
     policy: GenerationClient,
     judge: GenerationClient,
+    runner: EpisodeRunner | None = None,
+    checker=None,
 ) -> Iterator[Record]:
-    """Alternative nodes, their grades, pairs and rejects, problem by problem."""
+    """Alternative nodes, their grades (or, for live agent tasks with a ``runner``, their executed
+    observations and continuation values), pairs and rejects, problem by problem."""
     tasks = [p for p in problems if agent.is_agent_problem(p)]
     tree = StepTree(nodes)
     label_of = {label["node_id"]: label for label in labels}
@@ -144,8 +161,103 @@ def run(
     async def pairs_for(problem: Problem) -> list[Record]:
         info = agent.agent_meta(problem.meta) or {}
         steps = wrong.get(problem.problem_id, [])[: config.max_pairs_per_problem]
-        parts = await asyncio.gather(*(_pair_at(problem, info, nid) for nid in steps))
+        pair_at = _executed_pair_at if runner is not None and live_environment(problem) else _pair_at
+        parts = await asyncio.gather(*(pair_at(problem, info, nid) for nid in steps))
         return [r for part in parts for r in part]
+
+    async def _executed_pair_at(problem: Problem, info: Mapping[str, Any], nid: str) -> list[Record]:
+        """A wrong step of a live episode against actions sampled in its place and *executed*: each
+        alternative's node holds its real observation, and its value is the share of episodes
+        continued after it that reach the gold answer (its own outcome if it answers)."""
+        node = tree.nodes[nid]
+        above = tree.above(nid)
+        prefix = PathPrefix(above, tuple(tree.texts(above)))
+        used = sum(tree.nodes[i]["num_tokens"] for i in above)
+        sampling = SamplingConfig(temperature=config.temperature, top_p=config.top_p, max_tokens=config.max_tokens,
+                                  seed=config.seed)
+        acts = await asyncio.gather(
+            *(runner.run(problem, prefix, index, sampling, used, max_turns=1) for index in range(config.alternatives))
+        )
+        rejected_action = agent.action_of(node["text"])
+        builder = EpisodeBuilder(checker, policy.model_id, frozenset(tree.nodes))
+        continuer = EpisodeSampler(runner, problem, sampling, builder, {i: tree.nodes[i]["num_tokens"] for i in above})
+        records: list[Record] = []
+        candidates: list[tuple[str, dict, Episode]] = []
+        for index, act in enumerate(acts):
+            item = f"{nid}#{index}"
+            if isinstance(act, GenerationError):
+                records.append(Reject(stage=STAGE, item=item, reason="generation_failed", detail=str(act)))
+                continue
+            if not act.steps:
+                records.append(Reject(stage=STAGE, item=item, reason="empty_action", detail=f"episode ended: {act.finish_reason}"))
+                continue
+            messages = act.steps[0]
+            action = messages[0]
+            if not action["content"] and not action.get("tool_calls"):
+                records.append(Reject(stage=STAGE, item=item, reason="empty_action", detail="no text, no call"))
+                continue
+            text = agent.step_text(messages)
+            alt_id = node_id(problem.problem_id, node["parent_id"], text)
+            if _same_action(action, rejected_action) or alt_id == nid or any(c[0] == alt_id for c in candidates):
+                continue  # the policy repeated the wrong action (or an alternative): no pair in it
+            records.append(Node(node_id=alt_id, problem_id=problem.problem_id, parent_id=node["parent_id"],
+                                depth=node["depth"], text=text, origin="alternative", num_tokens=act.step_tokens[0]))
+            candidates.append((alt_id, action, act))
+        values = await asyncio.gather(*(_value(problem, prefix.extend(alt_id, agent.step_text(act.steps[0])), act, continuer)
+                                        for alt_id, _, act in candidates))
+        best = None
+        rejected_value = label_of[nid]["value"] if label_of[nid].get("value") is not None else 0.0
+        for (alt_id, action, act), (successes, drawn, spent, made) in zip(candidates, values):
+            records.extend(made)
+            if not drawn:
+                continue
+            value = successes / drawn
+            records.append(Evaluation(
+                evaluation_id=content_hash("eval", alt_id, "mc", policy.model_id, STAGE, config.key(True)),
+                node_id=alt_id, problem_id=problem.problem_id, source="mc", value=value, n=drawn, successes=successes,
+                model=policy.model_id, cost_tokens=spent,
+                meta=json.dumps({"alternative_to": nid, "executed": True, "continuations": config.continuations,
+                                 "answered": act.answer is not None and len(act.steps) == 1 and not act.steps[0][0].get("tool_calls")},
+                                sort_keys=True),
+            ))
+            if value > rejected_value and value > 0 and (best is None or value > best[2]):
+                best = (alt_id, action, value)
+        if best is None:
+            records.append(Reject(stage=STAGE, item=nid, reason="no_better_action",
+                                  detail=f"none of {len(candidates)} distinct executed alternatives reached the answer more "
+                                  f"often than the wrong step ({rejected_value:.2f})"))
+            return records
+        alt_id, action, value = best
+        context = agent.context_messages(info, tree.texts(above))
+        records.append(
+            Pair(
+                pair_id=content_hash("pair", PAIR_KIND, node["parent_id"], alt_id, nid), problem_id=problem.problem_id,
+                kind=PAIR_KIND, prompt=json.dumps(context, ensure_ascii=False), chosen=json.dumps(action, ensure_ascii=False),
+                rejected=json.dumps(rejected_action, ensure_ascii=False), prefix_node_id=node["parent_id"],
+                chosen_node_id=alt_id, rejected_node_id=nid, chosen_value=value, rejected_value=rejected_value,
+                margin=round(value - rejected_value, 6),
+                sources="+".join(sorted({"mc", *[s for s in (label_of[nid].get("sources") or "").split("+") if s]})),
+            )
+        )
+        return records
+
+    async def _value(problem: Problem, prefix: PathPrefix, act: Episode, continuer: EpisodeSampler):
+        """(successes, drawn, tokens, records) of an executed alternative: its own outcome when it
+        answered, else ``continuations`` episodes continued after it."""
+        if not act.steps[0][0].get("tool_calls"):
+            outcome, _ = gold_check(checker, problem, act.answer)
+            return int(bool(outcome)), 1, 0, []
+        made: list[Record] = []
+        successes = drawn = spent = 0
+        for index, result in enumerate(await continuer.draw(prefix, config.continuations, 0)):
+            rollout, new_nodes, reject = continuer.make(STAGE, prefix, result, "mc", index, f"{prefix.leaf}#{index}")
+            made.extend(new_nodes)
+            made.append(rollout or reject)
+            if rollout is not None:
+                drawn += 1
+                successes += bool(rollout.outcome)
+                spent += rollout.num_tokens
+        return successes, drawn, spent, first_occurrences(made, set())
 
     async def _pair_at(problem: Problem, info: Mapping[str, Any], nid: str) -> list[Record]:
         node = tree.nodes[nid]

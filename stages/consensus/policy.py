@@ -21,7 +21,25 @@ Rules applied on top, in this order, each optional and visible in the policy id:
    a malformed tool call) is decisive evidence of an error: the step is -1 whatever the other
    sources say. Checks whose failure is weaker evidence (an agent's repeated call or an
    environment error; confidence < 1) do not veto: they vote.
-2. ``propagate_errors``: every step below a -1 step is -1 (PRM800K phase 2, AgentProcessBench).
+2. ``propagate_errors``: errors reach the steps below them, in one of two ways (``propagation``):
+
+   - ``all_after`` (the default; rule ``propagate``): every step below a -1 step is -1
+     (PRM800K phase 2; the strict reading of AgentProcessBench's rule). Human labels take no
+     part: they replace the labels of their own steps afterwards (rule 3), propagating nothing.
+   - ``until_recovered`` (rule ``propagate_until_recovered@1``): a step below a -1 step is -1
+     until a step repairs the path, as AgentProcessBench's annotators label trajectories that
+     recover (a failed tool call, then a good one: -1, +1, +1). Walking down each path from the
+     first step, a step's *own* label is the policy's label from its own evidence (after the
+     tool veto) or, with ``human_override``, its human label, which comes first. Then:
+     a step whose own label is -1 is wrong and opens (or re-opens) an error; a step whose own
+     label is +1 *repairs* an open error: it keeps its +1 (its reason names the error it
+     repairs) and the steps below it are no longer below an error; any other step under an open
+     error (no evidence of its own, a neutral 0, dropped by the policy) is -1, "propagated",
+     citing the latest wrong step above it. A human-labelled step keeps its human label even
+     then (a human 0 under an error stays 0 and repairs nothing). Any +1 repairs, whatever its
+     confidence: a weak +1 from tool checks that all held (``tool_pass_confidence``) counts,
+     because the step's own evidence is positive; a step with no positive evidence of its own
+     stays -1. Branches sharing a prefix share its state up to where they part.
 3. ``human_override``: human labels (the review loop, imported human annotations) replace
    everything. Several annotators vote; a split is flagged in the reason.
 
@@ -36,9 +54,9 @@ import json
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from stepforge.schemas.records import Label, Reject
 from stepforge.stages.base import Stage
@@ -54,10 +72,16 @@ POLICY_VERSIONS = {"mc_hard": 2, "mc_soft": 2, "judge": 1, "tool": 1, "agreement
 MC_SOURCES = ("mc", "mcts", "outcome")
 VOTERS = ("mc", "judge", "tool")
 Policy = Literal["mc_hard", "mc_soft", "judge", "tool", "agreement", "vote"]
+Propagation = Literal["all_after", "until_recovered"]
+# The rule each propagation mode adds to the policy id. ``all_after`` keeps the name it had before
+# there was a choice (so existing labels keep their policy id); a new mode is versioned.
+PROPAGATION_RULES = {"all_after": "propagate", "until_recovered": "propagate_until_recovered@1"}
 
 
 class ConsensusConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # Settings added later, with the value that reproduces earlier stores: left out of the stage key.
+    LEGACY: ClassVar[dict[str, object]] = {"propagation": "all_after"}
 
     policy: Policy = Field(
         default="mc_hard",
@@ -74,8 +98,14 @@ class ConsensusConfig(BaseModel):
     )
     propagate_errors: bool = Field(
         default=False,
-        description="Every step below a -1 step is -1 too (PRM800K phase 2 and AgentProcessBench's rule), labelled "
-        "or not.",
+        description="Errors reach the steps below them, labelled or not, as propagation says (PRM800K phase 2 and "
+        "AgentProcessBench's rule).",
+    )
+    propagation: Propagation = Field(
+        default="all_after",
+        description="With propagate_errors: all_after: every step below a -1 step is -1; until_recovered: a step "
+        "below a -1 step is -1 until a step whose own label (its evidence, or its human label) is +1 repairs the "
+        "path (AgentProcessBench's labels of trajectories that recover). Needs propagate_errors.",
     )
     human_override: bool = Field(
         default=True,
@@ -92,11 +122,31 @@ class ConsensusConfig(BaseModel):
         "which says little about its reasoning.",
     )
 
+    @model_validator(mode="after")
+    def _propagation_needs_propagate_errors(self) -> "ConsensusConfig":
+        if self.propagation != "all_after" and not self.propagate_errors:
+            raise ValueError(
+                f"propagation: {self.propagation} has no effect with propagate_errors off: set propagate_errors: true "
+                "too (or leave propagation at all_after)"
+            )
+        return self
+
     @property
     def policy_id(self) -> str:
-        rules = [name for name, on in (("tool_veto", self.tool_veto), ("propagate", self.propagate_errors),
-                                       ("human", self.human_override)) if on]
+        rules = [name for name, on in (("tool_veto", self.tool_veto), (PROPAGATION_RULES[self.propagation],
+                                       self.propagate_errors), ("human", self.human_override)) if on]
         return "+".join([f"{self.policy}@{POLICY_VERSIONS[self.policy]}", *rules])
+
+
+def key_settings(config: ConsensusConfig) -> dict:
+    """The settings as they enter a key (the stage's, an evaluation's): all of them, except a setting
+    added later while it holds the value earlier stores were made with (``ConsensusConfig.LEGACY``),
+    so those keep their keys. The same rule as ``stages.label.labeller.key_settings``."""
+    settings = config.model_dump()
+    for name, legacy in config.LEGACY.items():
+        if settings.get(name) == legacy:
+            del settings[name]
+    return settings
 
 
 @dataclass(frozen=True)
@@ -272,13 +322,20 @@ def run(
             decided[nid] = opinion
         elif isinstance(opinion, Dropped):
             dropped[nid] = opinion
-    if config.propagate_errors:
-        _propagate(decided, dropped, problem_of, list(nodes))
+    humans = {}
     if config.human_override:
-        for nid, evidence in by_node.items():
-            if (human := human_opinion(evidence)) is not None:
-                decided[nid] = human
-                dropped.pop(nid, None)
+        humans = {nid: human for nid, evidence in by_node.items() if (human := human_opinion(evidence)) is not None}
+    # until_recovered reads a human label as the step's own label (it can open or repair an error),
+    # so humans come first there; all_after propagates before humans replace their steps' labels.
+    humans_first = config.propagate_errors and config.propagation == "until_recovered"
+    if humans_first:
+        _override(decided, dropped, humans)
+    if config.propagate_errors and config.propagation == "all_after":
+        _propagate(decided, dropped, problem_of, list(nodes))
+    elif config.propagate_errors:
+        _propagate_until_recovered(decided, dropped, problem_of, list(nodes), keep=set(humans))
+    if not humans_first:
+        _override(decided, dropped, humans)
     for nid in sorted(decided):
         o = decided[nid]
         yield Label(
@@ -288,6 +345,12 @@ def run(
         )
     for nid in sorted(set(dropped) - set(decided)):
         yield Reject(stage=STAGE, item=nid, reason=dropped[nid].reason, detail=dropped[nid].detail)
+
+
+def _override(decided: dict[str, Opinion], dropped: dict[str, Dropped], humans: dict[str, Opinion]) -> None:
+    for nid, human in humans.items():
+        decided[nid] = human
+        dropped.pop(nid, None)
 
 
 def _propagate(
@@ -326,10 +389,64 @@ def _propagate(
         dropped.pop(nid, None)
 
 
+def _propagate_until_recovered(
+    decided: dict[str, Opinion], dropped: dict[str, Dropped], problem_of: dict[str, str], nodes: list[dict],
+    keep: set[str],
+) -> None:
+    """Label -1 every node under an open error, up to the first node whose own label is +1 (see the
+    module's rule 2). ``decided`` holds the own labels (policy, tool veto, humans); ``keep`` are
+    nodes whose label nothing replaces (the human-labelled ones)."""
+    tree = StepTree(nodes)
+    for n in nodes:
+        problem_of.setdefault(n["node_id"], n["problem_id"])
+    own = dict(decided)  # read-only: a propagated -1 opens nothing and repairs nothing
+    open_below: dict[str, str | None] = {}  # node -> the wrong step still open below it (None: none)
+
+    def state_below(nid: str) -> str | None:
+        # Iterative: walk up to the first memoised node or the root, then settle the chain downwards.
+        if nid in open_below:
+            return open_below[nid]
+        chain = [nid]
+        for ancestor in tree.ancestors(nid):
+            if ancestor in open_below:
+                break
+            chain.append(ancestor)
+        above = open_below.get(tree.parent.get(chain[-1]))
+        for node in reversed(chain):
+            mine = own.get(node)
+            if mine is not None and mine.label == -1:
+                above = node
+            elif mine is not None and mine.label == 1:
+                above = None
+            open_below[node] = above
+        return open_below[nid]
+
+    for nid in sorted(tree.parent):
+        parent = tree.parent.get(nid)
+        error = state_below(parent) if parent is not None else None
+        if error is None:
+            continue
+        mine = own.get(nid)
+        if mine is not None and mine.label == 1:
+            decided[nid] = Opinion(mine.label, mine.confidence, mine.value,
+                                   f"{mine.reason}; repairs the wrong step {error[:12]} above", mine.sources)
+            continue
+        if (mine is not None and mine.label == -1) or nid in keep:
+            continue
+        source = own[error]
+        decided[nid] = Opinion(
+            -1, source.confidence, mine.value if mine is not None else None,
+            f"below the wrong step {error[:12]}, not repaired since (errors propagate until recovered): {source.reason}",
+            (*source.sources, "propagated"),
+        )
+        dropped.pop(nid, None)
+
+
 def _key(ctx, shard) -> tuple:
     """Human review evidence enters only where there is some: a shard nobody reviewed keeps its key,
-    and a new annotation re-labels just the shard of its problem."""
-    parts: list = [ctx.config.consensus.model_dump()]
+    and a new annotation re-labels just the shard of its problem. Settings added later enter only
+    when they differ from what earlier stores were made with (``ConsensusConfig.LEGACY``)."""
+    parts: list = [key_settings(ctx.config.consensus)]
     if human := ctx.human_evidence(shard):
         parts.append(sorted((row["evaluation_id"], row["verdict"], json.loads(row["meta"])["version"]) for row in human))
     return parts

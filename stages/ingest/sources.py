@@ -91,6 +91,12 @@ class IngestConfig(BaseModel):
     max_question_chars: int = Field(
         default=20000, ge=1, description="Longer questions are rejected as text_too_long."
     )
+    environment: Literal["python"] | None = Field(
+        default=None,
+        description="Pose each gsm8k / math problem as a task for this live tool environment: the problem becomes "
+        "an agent task (the environment's instructions and tools, the question as the user's message, the gold "
+        "answer) whose episodes the rollout stage generates and the labellers continue (section agent).",
+    )
 
     @model_validator(mode="after")
     def _options_fit_the_format(self) -> IngestConfig:
@@ -98,6 +104,8 @@ class IngestConfig(BaseModel):
         if self.gold_source is not None and not importing:
             formats = ", ".join(importers.IMPORT_FORMATS)
             raise ValueError(f"gold_source applies to the import formats {formats}, not {self.format!r}")
+        if importing and self.environment is not None:
+            raise ValueError(f"environment poses gsm8k / math problems as agent tasks; {self.format!r} rows are imported as they are")
         if importing:
             overrides = [name for name in ("question_field", "answer_field", "solution_field") if getattr(self, name)]
             if overrides:
@@ -328,8 +336,22 @@ def _problem_from_row(row: dict[str, Any], row_index: int, config: IngestConfig)
         question=question,
         gold_answer=gold_answer,
         gold_solution=gold_solution,
-        meta=_meta(row, used_fields),
+        meta=_meta(row, used_fields) if config.environment is None else _task_meta(row, used_fields, question, gold_answer, config.environment),
     )
+
+
+def _task_meta(row: dict[str, Any], used_fields: set[str], question: str, gold_answer: str, environment: str) -> str:
+    """A problem's meta as a live agent task (``stages.agent.trajectory``'s layout, plus the environment)."""
+    from stepforge.stages.agent.trajectory import AGENT_KIND
+    from stepforge.stages.tools.environment import environment as make_environment
+
+    env = make_environment(environment)
+    meta = json.loads(_meta(row, used_fields))
+    meta.update(kind=AGENT_KIND, agent={
+        "context": [{"role": "system", "content": env.system_prompt()}, {"role": "user", "content": question}],
+        "tools": env.tools(), "gold_answers": [gold_answer], "environment": environment,
+    })
+    return json.dumps(meta, sort_keys=True, ensure_ascii=False)
 
 
 def _layout_of(row: dict[str, Any], config: IngestConfig) -> Layout:

@@ -262,6 +262,7 @@ def run(
     client: GenerationClient,
     checker: AnswerChecker,
     on_problem_done: Callable[[], None] | None = None,
+    agent=None,
 ) -> Iterator[Record]:
     """Evaluations for the steps each search decided, the completions (``mc`` rollouts and nodes), rejects."""
     nodes_by_problem, by_problem, builder = labeller_inputs(rollouts, nodes, config, client, checker)
@@ -269,7 +270,7 @@ def run(
 
     async def label_problem(problem: Problem) -> list[Record]:
         search = ProblemSearch(
-            STAGE, "mc", problem, client, builder, config, nodes_by_problem.get(problem.problem_id, {})
+            STAGE, "mc", problem, client, builder, config, nodes_by_problem.get(problem.problem_id, {}), agent
         )
         policy = seed_policy_rollouts(search, by_problem.get(problem.problem_id, []))
         records: list[Record] = []
@@ -347,8 +348,8 @@ def _evaluations(
     return evaluations
 
 
-def _label(problems, rollouts, nodes, config, client, checker, advance):
-    return run(problems, rollouts, nodes, config, client, checker, on_problem_done=advance)
+def _label(problems, rollouts, nodes, config, client, checker, advance, agent=None):
+    return run(problems, rollouts, nodes, config, client, checker, on_problem_done=advance, agent=agent)
 
 
 SPEC = labeller_stage(

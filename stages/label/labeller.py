@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 
 from stepforge.schemas.records import Record
+from stepforge.stages.agent.episodes import key_of as episodes_key
+from stepforge.stages.agent.episodes import runner_for
 from stepforge.stages.base import Stage
 from stepforge.stages.tree import TREE_SLOTS
 
@@ -35,19 +37,23 @@ def labeller_stage(
     name: str, version: int, config_name: str, config_field: str | None, label: Callable[..., Iterable[Record]],
     progress: Callable[[list], int] | None = None, doc: str = "",
 ) -> Stage:
-    """A labeller as a stage. ``label(problems, rollouts, nodes, config, client, checker, advance)``;
+    """A labeller as a stage. ``label(problems, rollouts, nodes, config, client, checker, advance, agent=)``
+    (``agent``: the run's episode runner when its problems are live agent tasks, else None);
     ``progress(rollouts)`` is the progress bar's total (default: the shard's problems)."""
 
     def run(inputs, ctx) -> Iterator[Record]:
         problems, rollouts, nodes = inputs.problems(), inputs.rows("rollouts"), inputs.rows("nodes")
         total = progress(rollouts) if progress else len(problems)
         with ctx.track(f"{name} {inputs.shard[:8]}", total) as advance:
-            yield from label(problems, rollouts, nodes, getattr(ctx.config, config_field), ctx.client(), ctx.checker, advance)
+            # Only a run of live agent tasks passes a runner, so a plugin labeller without ``agent`` still fits.
+            extra = {"agent": runner} if (runner := runner_for(ctx)) is not None else {}
+            yield from label(problems, rollouts, nodes, getattr(ctx.config, config_field), ctx.client(), ctx.checker,
+                             advance, **extra)
 
     return Stage(
         name=name, version=version, slot=SLOT, after="rollouts", kind="label", writes=TABLES,
         reads={"problems": ("problems",), "rollouts": TREE, "nodes": TREE}, run=run,
         # The policy's engine and the labeller's settings shape the completions it spends.
-        key=lambda ctx, shard: (ctx.engine(), key_settings(getattr(ctx.config, config_field))),
+        key=lambda ctx, shard: (ctx.engine(), key_settings(getattr(ctx.config, config_field)), *episodes_key(ctx)),
         chosen=lambda config: config.labeller == config_name, config_field=config_field, doc=doc,
     )

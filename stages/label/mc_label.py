@@ -29,9 +29,8 @@ from stepforge.schemas.records import Evaluation, Problem, Record
 from stepforge.stages.rollout.answers import AnswerChecker
 from stepforge.stages.label.labeller import labeller_stage
 from stepforge.stages.llm.aio import run_in_order
-from stepforge.stages.llm.base import Generation, GenerationClient
-from stepforge.stages.rollout.prompting import build_request
-from stepforge.stages.label.search import AdaptiveConfig, CompletionConfig, labeller_inputs
+from stepforge.stages.llm.base import GenerationClient
+from stepforge.stages.label.search import AdaptiveConfig, CompletionConfig, labeller_inputs, sampler_for
 from stepforge.stages.tree import PathPrefix, first_occurrences
 
 STAGE = "mc_label"
@@ -71,11 +70,13 @@ def run(
     client: GenerationClient,
     checker: AnswerChecker,
     on_step_done: Callable[[int], None] | None = None,
+    agent=None,
 ) -> Iterator[Record]:
-    """Evaluations (``mc`` for internal steps, ``outcome`` for last steps), completion rollouts and nodes."""
+    """Evaluations (``mc`` for internal steps, ``outcome`` for last steps), completion rollouts and nodes.
+    With an episode runner (``agent``), a live agent task's completions are continued episodes."""
     nodes_by_problem, by_problem, builder = labeller_inputs(rollouts, nodes, config, client, checker)
 
-    async def label_step(problem: Problem, nid: str, prefix: PathPrefix, seen: tuple[int, int]) -> list[Record]:
+    async def label_step(problem: Problem, nid: str, prefix: PathPrefix, seen: tuple[int, int], sampler) -> list[Record]:
         records: list[Record] = []
         successes = n = failed = cost = 0
         k, adaptive = config.completions_per_step, config.adaptive
@@ -97,21 +98,16 @@ def run(
         # Rounds draw sample indices 0, 1, 2, ... of the same prompt, so an adaptive run's
         # completions are exactly the first ones a full K-sample run draws (and share its cache).
         while n < k and not adaptive.decided(successes, n):
-            request = build_request(
-                problem.question, list(prefix.texts), min(batch, k - n), config.prompt, config.split, config.sampling
-            )
-            for index, result in enumerate(await client.generate_each(request, start=n), n):
+            for index, result in enumerate(await sampler.draw(prefix, min(batch, k - n), n), n):
                 n += 1
-                rollout, new_nodes, reject = builder.from_result(
-                    STAGE, problem.problem_id, problem.gold_answer, prefix, result, "mc", index, item=f"{nid}#{index}"
-                )
+                rollout, new_nodes, reject = sampler.make(STAGE, prefix, result, "mc", index, f"{nid}#{index}")
                 records.extend(new_nodes)
                 # An empty continuation of a prefix is a failed attempt, not a missing one; a failed
                 # sample counts as drawn (it cost an attempt) but not as evidence.
                 records.append(rollout or reject)
                 successes += bool(rollout and rollout.outcome)
                 failed += reject is not None and reject.reason == "generation_failed"
-                cost += result.num_tokens if isinstance(result, Generation) else 0
+                cost += sampler.tokens(result) or 0
         if n - failed:
             records.append(
                 Evaluation(
@@ -149,7 +145,8 @@ def run(
                 seen[step][0] += 1
                 seen[step][1] += bool(rollout["outcome"])
         steps = sorted(internal)
-        for part in await asyncio.gather(*(label_step(problem, nid, internal[nid], tuple(seen[nid])) for nid in steps)):
+        sampler = sampler_for(problem, client, builder, config, agent, own_nodes)
+        for part in await asyncio.gather(*(label_step(problem, nid, internal[nid], tuple(seen[nid]), sampler) for nid in steps)):
             records.extend(part)
         return first_occurrences(records, set())
 
@@ -157,8 +154,8 @@ def run(
 
 
 
-def _label(problems, rollouts, nodes, config, client, checker, advance):
-    return run(problems, rollouts, nodes, config, client, checker, on_step_done=advance)
+def _label(problems, rollouts, nodes, config, client, checker, advance, agent=None):
+    return run(problems, rollouts, nodes, config, client, checker, on_step_done=advance, agent=agent)
 
 
 SPEC = labeller_stage(

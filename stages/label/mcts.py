@@ -184,6 +184,7 @@ def run(
     client: GenerationClient,
     checker: AnswerChecker,
     on_problem_done: Callable[[], None] | None = None,
+    agent=None,
 ) -> Iterator[Record]:
     """``mcts`` evaluations for every step in each problem's tree, plus the expansions' rollouts and nodes."""
     nodes_by_problem, by_problem, builder = labeller_inputs(rollouts, nodes, config, client, checker)
@@ -191,7 +192,7 @@ def run(
 
     async def label_problem(problem: Problem) -> list[Record]:
         search = ProblemSearch(
-            STAGE, "mcts", problem, client, builder, config, nodes_by_problem.get(problem.problem_id, {})
+            STAGE, "mcts", problem, client, builder, config, nodes_by_problem.get(problem.problem_id, {}), agent
         )
         policy = seed_policy_rollouts(search, by_problem.get(problem.problem_id, []))
         stats = await search_problem(search, policy, config)
@@ -219,8 +220,8 @@ def run(
     yield from run_in_order(problems, label_problem)
 
 
-def _label(problems, rollouts, nodes, config, client, checker, advance):
-    return run(problems, rollouts, nodes, config, client, checker, on_problem_done=advance)
+def _label(problems, rollouts, nodes, config, client, checker, advance, agent=None):
+    return run(problems, rollouts, nodes, config, client, checker, on_problem_done=advance, agent=agent)
 
 
 SPEC = labeller_stage(STAGE, VERSION, "mcts", "mcts", _label, doc="AlphaMath-style tree search: Q and N per step (labeller: mcts).")

@@ -83,6 +83,44 @@ class Estimate:
     stopped_early: bool
 
 
+class TextSampler:
+    """How a labeller draws completions of a prefix for a problem solved in text: the policy continues
+    the solution after the prefix's steps. (A live agent task continues an episode instead:
+    ``stages.agent.episodes.EpisodeSampler``, with the same three methods.)"""
+
+    def __init__(self, problem: Problem, client: GenerationClient, builder: TreeBuilder, completion: CompletionConfig):
+        self.problem, self.client, self.builder, self.completion = problem, client, builder, completion
+
+    async def draw(self, prefix: PathPrefix, n: int, start: int) -> list:
+        """Samples ``start .. start+n-1`` after ``prefix``: generations, or ``GenerationError``s."""
+        c = self.completion
+        request = build_request(self.problem.question, list(prefix.texts), n, c.prompt, c.split, c.sampling)
+        return await self.client.generate_each(request, start=start)
+
+    def make(self, stage: str, prefix: PathPrefix, result, origin: Origin, index: int, item: str):
+        """(rollout, new nodes, reject) of one drawn sample."""
+        return self.builder.from_result(stage, self.problem.problem_id, self.problem.gold_answer, prefix, result,
+                                        origin, index, item=item)
+
+    @staticmethod
+    def tokens(result) -> int | None:
+        """Generated tokens of a sample; None for a failed one."""
+        return result.num_tokens if isinstance(result, Generation) else None
+
+
+def sampler_for(problem: Problem, client: GenerationClient, builder: TreeBuilder, completion: CompletionConfig,
+                agent=None, nodes: dict[str, dict] | None = None):
+    """The sampler of one problem: episodes for a live agent task when the run has an episode
+    runner (``agent``), else text completions."""
+    from stepforge.stages.agent.episodes import EpisodeBuilder, EpisodeSampler, live_environment
+
+    if agent is not None and live_environment(problem):
+        episodes = EpisodeBuilder(builder.checker, client.model_id, builder.known_node_ids)
+        tokens = {nid: n["num_tokens"] for nid, n in (nodes or {}).items()}
+        return EpisodeSampler(agent, problem, completion.sampling, episodes, tokens)
+    return TextSampler(problem, client, builder, completion)
+
+
 class ProblemSearch:
     """One problem's step tree and its rollout counts, and the sampler that grows it."""
 
@@ -95,9 +133,11 @@ class ProblemSearch:
         builder: TreeBuilder,
         completion: CompletionConfig,
         nodes: dict[str, dict],
+        agent=None,
     ):
         self.stage, self.origin, self.problem = stage, origin, problem
         self.client, self.builder, self.completion = client, builder, completion
+        self.sampler = sampler_for(problem, client, builder, completion, agent, nodes)
         self.text: dict[str, str] = {nid: n["text"] for nid, n in nodes.items()}
         self.tree = StepTree(nodes.values())
         self.parent: dict[str, str | None] = self.tree.parent  # grows with the completions' steps
@@ -169,12 +209,10 @@ class ProblemSearch:
         fetches at once fold the results in their own order, so the tree never depends on which
         answer arrived first."""
         prefix = self.path(nid)
-        c = self.completion
-        request = build_request(self.problem.question, list(prefix.texts), n, c.prompt, c.split, c.sampling)
         key = nid or ROOT
         start = self.drawn[key]
         self.drawn[key] += n
-        return nid, prefix, start, await self.client.generate_each(request, start=start)
+        return nid, prefix, start, await self.sampler.draw(prefix, n, start)
 
     def fold(self, fetched: tuple) -> list[Rollout | None]:
         """Fold a ``fetch``'s completions into the counts, in index order."""
@@ -182,14 +220,11 @@ class ProblemSearch:
         key = nid or ROOT
         results: list[Rollout | None] = []
         for index, result in enumerate(generated, start):
-            rollout, new_nodes, reject = self.builder.from_result(
-                self.stage, self.problem.problem_id, self.problem.gold_answer, prefix, result, self.origin, index,
-                item=f"{key}#{index}",
-            )
-            if isinstance(result, Generation):
+            rollout, new_nodes, reject = self.sampler.make(self.stage, prefix, result, self.origin, index, f"{key}#{index}")
+            if (spent := self.sampler.tokens(result)) is not None:
                 self.completions += 1
-                self.tokens += result.num_tokens
-                self.tokens_from[key] += result.num_tokens
+                self.tokens += spent
+                self.tokens_from[key] += spent
             for node in new_nodes:
                 self.text.setdefault(node.node_id, node.text)
                 self.tree.link(node.node_id, node.parent_id)

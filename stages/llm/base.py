@@ -48,10 +48,16 @@ class GenerationRequest:
     # decoding (llama.cpp grammars, vLLM guided decoding, OpenAI ``response_format``) do;
     # callers check ``Backend.supports_json_schema`` and otherwise ask in words and parse.
     json_schema: str | None = None
+    # A tool-using chat (``stages.llm.tool_chat``): the OpenAI-style messages with ``tool_calls`` and
+    # ``tool`` results, and the declared tools, each as canonical JSON. Exclusive with messages/prompt.
+    conversation: str | None = None
+    tools: str | None = None
 
     def __post_init__(self) -> None:
-        if (self.messages is None) == (self.prompt is None):
-            raise ValueError("a GenerationRequest needs exactly one of messages or prompt")
+        if sum(x is not None for x in (self.messages, self.prompt, self.conversation)) != 1:
+            raise ValueError("a GenerationRequest needs exactly one of messages, prompt or conversation")
+        if self.tools is not None and self.conversation is None:
+            raise ValueError("tools are declared with a conversation, not with messages or a prompt")
         if self.prompt is not None and self.assistant_prefix:
             raise ValueError("assistant_prefix continues a chat; with a raw prompt, append it to the prompt")
         if self.n < 1 or self.max_tokens < 1:
@@ -59,12 +65,18 @@ class GenerationRequest:
 
     def sample_key(self, model_id: str, sample_index: int) -> str:
         """Content address of one sample: independent of ``n``, so n=4 and n=8 share four."""
-        # The schema enters the key only when set, so unconstrained requests keep their keys.
-        constraint = () if self.json_schema is None else (self.json_schema,)
+        constraint = self._extra_key()
         return content_hash(
             "gen/1", model_id, self.messages, self.prompt, self.assistant_prefix, self.temperature,
             self.top_p, self.max_tokens, self.stop, self.seed, self.logprobs, sample_index, *constraint, length=32,
         )
+
+    def _extra_key(self) -> tuple:
+        # Fields added later enter a key only when set, so requests without them keep their keys.
+        extra: tuple = () if self.json_schema is None else (self.json_schema,)
+        if self.conversation is not None:
+            extra += ("tools/1", self.conversation, self.tools)
+        return extra
 
     def sample_seed(self, key: str) -> int:
         """Per-sample sampler seed: distinct streams per prompt and index, fixed by the run seed."""
@@ -77,7 +89,7 @@ class GenerationRequest:
         so with these seeds a run of consecutive samples of one prompt is one vLLM request
         with ``n`` and still reproduces each sample on its own (a resumed run asks for fewer).
         """
-        constraint = () if self.json_schema is None else (self.json_schema,)
+        constraint = self._extra_key()
         base = content_hash(
             "seed/1", model_id, self.messages, self.prompt, self.assistant_prefix, self.temperature,
             self.top_p, self.max_tokens, self.stop, self.seed, self.logprobs, *constraint, length=8,

@@ -13,6 +13,7 @@ import asyncio
 import bisect
 import contextlib
 import itertools
+import json
 import os
 import threading
 import time
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from stepforge.stages.llm import tool_chat
 from stepforge.stages.llm.base import Generation, GenerationRequest
 from stepforge.stages.llm.models import ResolvedModel, resolve_model
 
@@ -146,6 +148,7 @@ class LlamaCppBackend:
             eos_token=self.llm.detokenize([vocab_eos], special=True).decode("utf-8", "replace") if vocab_eos >= 0 else "",
             bos_token=self.llm.detokenize([vocab_bos], special=True).decode("utf-8", "replace") if vocab_bos >= 0 else "",
         )
+        self._template_knows_tools = tool_chat.template_knows_tools(template)
         self._queue: list[_Queued] = []
         self._sequence = itertools.count()
         self._wake = threading.Condition()
@@ -159,6 +162,8 @@ class LlamaCppBackend:
         """The exact text the model conditions on: chat template with the assistant turn opened, plus prefix."""
         if request.prompt is not None:
             return request.prompt
+        if request.conversation is not None:
+            return render_conversation(self._formatter, self._template_knows_tools, request) + request.assistant_prefix
         messages = [{"role": role, "content": content} for role, content in request.messages]
         rendered = self._formatter(messages=messages).prompt
         return rendered + request.assistant_prefix
@@ -316,6 +321,15 @@ class LlamaCppBackend:
 
             self._grammars[schema] = LlamaGrammar.from_json_schema(schema, verbose=False)
         return self._grammars[schema]
+
+
+def render_conversation(formatter, knows_tools: bool, request: GenerationRequest) -> str:
+    """A tool-using conversation through the model's chat template (``stages.llm.tool_chat``)."""
+    conversation = json.loads(request.conversation)
+    tools = json.loads(request.tools) if request.tools else []
+    if knows_tools:
+        return formatter(messages=tool_chat.template_messages(conversation), tools=tools or None).prompt
+    return formatter(messages=tool_chat.plain_turns(conversation, tools)).prompt
 
 
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:

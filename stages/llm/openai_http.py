@@ -57,6 +57,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from stepforge.stages.llm import tool_chat
 from stepforge.stages.llm.base import ClientStats, Generation, GenerationError, GenerationRequest, Meter, current_meter
 
 try:  # several times faster than the stdlib both ways, and straight to/from bytes
@@ -361,6 +362,14 @@ def request_body(
         sampling["stop"] = list(request.stop)
     sampling.update(NEUTRAL_SAMPLER.get(http.server, {}))
     sampling.update(http.extra_body)
+    if request.conversation is not None:
+        # A tool-using chat goes to the chat endpoint as it is: the server renders the tools.
+        if request.assistant_prefix:
+            raise GenerationError("a tool-using conversation cannot continue a partial assistant turn over HTTP")
+        body = {"messages": json.loads(request.conversation), **sampling}
+        if request.tools:
+            body["tools"] = json.loads(request.tools)
+        return "/chat/completions", body
     messages = None if request.messages is None else [{"role": r, "content": c} for r, c in request.messages]
     use_completions = request.prompt is not None or (continuation == "completions" and tokenizer is not None)
     if request.assistant_prefix and not use_completions and continuation != "continue_final_message":
@@ -408,6 +417,9 @@ def parse_response(path: str, payload: Any, request: GenerationRequest) -> tuple
             text = choice["text"]
         else:
             text = choice["message"]["content"] or ""
+            if isinstance(calls := choice["message"].get("tool_calls"), list) and calls:
+                # Parsed calls go back into the Hermes text the model wrote (stages.llm.tool_chat).
+                text = tool_chat.hermes_text(text, [c for c in calls if isinstance(c, dict)])
         finish = choice.get("finish_reason") or "stop"
     except (KeyError, IndexError, TypeError) as exc:
         raise _Retry("bad_response", f"missing {exc}") from None

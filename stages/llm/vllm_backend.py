@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from stepforge.stages.llm import tool_chat
 from stepforge.stages.llm.base import Generation, GenerationRequest
 
 VLLM_REQUIREMENT = "vllm==0.33.0"
@@ -90,6 +91,11 @@ def render_prompt(tokenizer, request: GenerationRequest) -> str:
     """The exact text the model conditions on: chat template with the assistant turn opened, plus prefix."""
     if request.prompt is not None:
         return request.prompt
+    if request.conversation is not None:  # Hugging Face templates take tools and call objects
+        conversation = tool_chat.template_messages(json.loads(request.conversation))
+        tools = json.loads(request.tools) if request.tools else None
+        rendered = tokenizer.apply_chat_template(conversation, tools=tools, tokenize=False, add_generation_prompt=True)
+        return rendered + request.assistant_prefix
     messages = [{"role": role, "content": content} for role, content in request.messages]
     rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return rendered + request.assistant_prefix
