@@ -110,13 +110,23 @@ class Episode:
         return content_hash("episode", self.keys, length=32)
 
 
+_slots: dict[int, threading.BoundedSemaphore] = {}
+_slots_lock = threading.Lock()
+
+
+def _tool_slots(n: int) -> threading.BoundedSemaphore:
+    """One bound per process (every shard's runner shares it), as ``concurrent_tools`` promises."""
+    with _slots_lock:
+        return _slots.setdefault(n, threading.BoundedSemaphore(n))
+
+
 class EpisodeRunner:
     """Runs and continues episodes of one run: the policy's client, the environments, the limits."""
 
     def __init__(self, client: GenerationClient, config: AgentConfig):
         self.client, self.config = client, config
         self._environments: dict[str, Environment] = {}
-        self._tools = threading.BoundedSemaphore(config.concurrent_tools)
+        self._tools = _tool_slots(config.concurrent_tools)
 
     def _environment(self, name: str) -> Environment:
         if name not in self._environments:

@@ -44,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from stepforge.schemas.ids import content_hash
 from stepforge.schemas.records import Pair, Problem, Record, Reject
 from stepforge.stages.base import Stage
+from stepforge.stages.agent.episodes import live_environment
 from stepforge.stages.tree import TREE_SLOTS, StepTree
 from stepforge.stages.rollout.split import SplitConfig, join_prefix
 
@@ -255,7 +256,12 @@ def trajectory_pairs(
 
 
 def _run_shard(inputs, ctx) -> Iterator[Record]:
-    return run(inputs.problems(), inputs.rows("rollouts"), inputs.rows("nodes"), inputs.rows("labels"), ctx.config.pairs)
+    # A live agent task's steps are conversations, not text to join: its pairs are the agent
+    # curation's (executed better actions, in TRL's conversational format).
+    live = {p.problem_id for p in inputs.problems() if live_environment(p)}
+    problems = [p for p in inputs.problems() if p.problem_id not in live]
+    rollouts = [r for r in inputs.rows("rollouts") if r["problem_id"] not in live]
+    return run(problems, rollouts, inputs.rows("nodes"), inputs.rows("labels"), ctx.config.pairs)
 
 
 SPEC = Stage(

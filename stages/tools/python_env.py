@@ -264,6 +264,8 @@ class PythonSession:
         if self._cells:
             count = len(self._cells)
             replay_note = f" (this limit includes re-running the {count} earlier cell{'s' if count > 1 else ''})"
+        # Every explanation starts "Error:", on a line of its own, so a reader of the transcript (the
+        # agent tool checks' ``tool_error`` patterns, a judge) sees the cell failed whatever it printed.
         explanation = reports.traceback
         if status == "error":
             detail = reports.exit or _clean_detail(result, token)
@@ -271,26 +273,26 @@ class PythonSession:
         elif status == "blocked":
             what = detail.removeprefix("blocked: ")
             explanation += (
-                f"Blocked by the sandbox: {what}. There is no network, no subprocess and no file access outside "
+                f"Error: Blocked by the sandbox: {what}. There is no network, no subprocess and no file access outside "
                 "the working directory; nothing from this cell is kept."
             )
         elif status == "timeout":
             explanation += (
-                f"Timed out: the cell was stopped after {_seconds(limits.wall_seconds)} s{replay_note}; nothing "
+                f"Error: Timed out: the cell was stopped after {_seconds(limits.wall_seconds)} s{replay_note}; nothing "
                 "from this cell is kept."
             )
         elif status == "cpu_limit":
             explanation += (
-                f"Stopped: the cell used more than {_seconds(limits.cpu_seconds)} s of CPU time{replay_note}; "
+                f"Error: Stopped: the cell used more than {_seconds(limits.cpu_seconds)} s of CPU time{replay_note}; "
                 "nothing from this cell is kept."
             )
         elif status == "memory_limit":
             explanation += (
-                f"Out of memory: the cell went over the {limits.memory_mb} MB limit; nothing from this cell is kept."
+                f"Error: Out of memory: the cell went over the {limits.memory_mb} MB limit; nothing from this cell is kept."
             )
         elif status == "output_limit":
             explanation += (
-                f"Stopped: the cell printed more than {limits.output_bytes} bytes; print less (a summary or a "
+                f"Error: Stopped: the cell printed more than {limits.output_bytes} bytes; print less (a summary or a "
                 "slice). Nothing from this cell is kept."
             )
         return self._failure(output, explanation, status, detail), False, False
