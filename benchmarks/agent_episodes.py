@@ -60,7 +60,10 @@ def config(arm: str, store: Path, args) -> RunConfig:
 
 
 def run_arm(arm: str, args) -> dict:
-    store = Path(tempfile.mkdtemp(prefix=f"agentbench-{arm}-"))
+    if args.store_root:  # reusing a store replays its cached samples: its wall time then says nothing
+        store = args.store_root / arm
+    else:
+        store = Path(tempfile.mkdtemp(prefix=f"agentbench-{arm}-"))
     ctx = runtime.RunContext(config(arm, store, args))
     started = time.monotonic()
     runtime.run_shards(ctx, runtime.ingest_shards(ctx)[0])
@@ -100,6 +103,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=4)
     parser.add_argument("--k", type=int, default=2, help="continued episodes per probed step and per executed alternative")
     parser.add_argument("--arms", default="cot,tool")
+    parser.add_argument("--store-root", type=Path, help="keep each arm's store in DIR/<arm> (default: fresh temporary stores)")
     args = parser.parse_args()
     results = [run_arm(arm, args) for arm in args.arms.split(",")]
     for result in results:

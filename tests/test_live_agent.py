@@ -125,7 +125,8 @@ def hostile_config(tmp: Path, base_url: str) -> RunConfig:
                                              "limits": {"wall_seconds": 4, "cpu_seconds": 2, "memory_mb": 256}}},
         # MC continues every episode after its hostile step: restoring that prefix re-executes the
         # hostile call in a fresh sandbox, which must be contained as well.
-        "labeller": "mc", "mc_label": {"completions_per_step": 1, "sampling": {"max_tokens": 64}},
+        # The same sampling as the episodes: a continuation must still draw new turns, not replay them.
+        "labeller": "mc", "mc_label": {"completions_per_step": 1, "sampling": {"max_tokens": 64, "temperature": 0.7}},
         "verify": {"sources": ["tool"]},
     })
 
@@ -136,6 +137,8 @@ def test_hostile_tool_calls_are_contained_and_recorded_and_the_run_goes_on(tmp_p
     with serving(hostile_app(str(secret), str(escape))) as url:
         ctx = runtime.RunContext(hostile_config(tmp_path, url))
         runtime.run_shards(ctx, runtime.ingest_shards(ctx)[0])
+    # Every turn was a new request: continuations after step 1 did not replay the episodes' turn 2.
+    assert ctx.client().stats.cache_hits == 0 and ctx.client().stats.generated > 0
     rows = {t: [json.loads(r) for r in rs] for t, rs in table_rows(tmp_path / "store").items()}
     problems = {p["problem_id"]: p["question"].split(".")[0].removeprefix("ATTACK: ") for p in rows["problems"]}
     assert sorted(problems.values()) == sorted(ATTACKS)
@@ -195,3 +198,14 @@ def test_an_episode_over_http_sends_the_tools_and_reproduces_from_its_seed(llama
     assert isinstance(first, Episode), first
     assert first.steps and first.steps[0][0]["role"] == "assistant" and first.num_tokens > 0
     assert first.steps == again.steps and first.keys == again.keys
+
+
+def test_a_continuation_never_replays_the_episode_it_continues():
+    """Continuing after step 1 asks for turn 2 with a seed of its own: with the episode's seed the
+    request would be the episode's own turn 2, and the 'new' sample a replay counted twice."""
+    from stepforge.stages.agent.episodes import continuation_seed
+
+    assert continuation_seed(0, None) == 0
+    assert continuation_seed(0, "a" * 20) != 0
+    assert continuation_seed(0, "a" * 20) != continuation_seed(0, "b" * 20)
+    assert continuation_seed(0, "a" * 20) == continuation_seed(0, "a" * 20)

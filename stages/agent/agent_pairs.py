@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -34,6 +33,7 @@ from stepforge.stages.agent.episodes import (
 from stepforge.stages.rollout.prompting import SamplingConfig
 from stepforge.stages.verify.agent_judge import AgentJudgeConfig, evaluation_of, grade_step
 from stepforge.stages.verify.judging import structured_output
+from stepforge.stages.llm import tool_chat
 from stepforge.stages.llm.aio import run_in_order
 from stepforge.stages.llm.base import GenerationClient, GenerationError, GenerationRequest
 from stepforge.stages.tree import PathPrefix, StepTree, failed_generation, first_occurrences
@@ -42,11 +42,6 @@ STAGE = "agent_pairs"
 VERSION = 1
 PAIR_KIND = "agent_step"
 
-TOOL_INSTRUCTIONS = (
-    "\n\nYou can call these tools:\n{tools}\n\nTo call a tool, write <tool_call>{{\"name\": <tool name>, "
-    "\"arguments\": <JSON object>}}</tool_call>. When you know the final answer, write it inside <answer></answer>."
-)
-_TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
 
 class AgentPairsConfig(BaseModel):
@@ -72,58 +67,26 @@ class AgentPairsConfig(BaseModel):
 
 
 def policy_messages(agent_info: Mapping[str, Any], context: list[dict]) -> tuple[tuple[str, str], ...]:
-    """The context as plain chat turns any chat template renders: tool calls written inline,
-    tool results folded into user turns (``<tool_response>``), the tools described in the system turn."""
-    tools = [t.get("function", t) for t in agent_info.get("tools", []) if isinstance(t, Mapping)]
-    turns: list[list[str]] = []
-
-    def add(role: str, text: str) -> None:
-        if turns and turns[-1][0] == role:
-            turns[-1][1] += "\n\n" + text
-        else:
-            turns.append([role, text])
-
-    system = next((m["content"] for m in context if m["role"] == "system"), "You are a helpful assistant.")
-    add("system", system + (TOOL_INSTRUCTIONS.format(tools=json.dumps(tools, ensure_ascii=False)) if tools else ""))
-    for message in context:
-        role = message["role"]
-        if role == "system":
-            continue
-        if role == "assistant":
-            calls = "".join(
-                f"<tool_call>{json.dumps({'name': c.name, 'arguments': _json_or_text(c.arguments)}, ensure_ascii=False)}</tool_call>"
-                for c in agent.tool_calls(message)
-            )
-            add("assistant", ((message.get("content") or "") + calls).strip() or "(no action)")
-        elif role == "tool":
-            add("user", f"<tool_response>\n{message.get('content') or ''}\n</tool_response>")
-        else:
-            add("user", message.get("content") or "")
-    return tuple((role, text) for role, text in turns)
+    """The context as plain chat turns any chat template renders (``tool_chat.plain_turns``), calls
+    written inline right after the turn's text, as this stage always wrote them (its cached samples
+    are keyed by these prompts)."""
+    turns = tool_chat.plain_turns(context, agent_info.get("tools", []), call_text=_inline_calls)
+    return tuple((turn["role"], turn["content"]) for turn in turns)
 
 
-def _json_or_text(arguments: str) -> Any:
-    try:
-        return json.loads(arguments)
-    except json.JSONDecodeError:
-        return arguments
+def _inline_calls(message: Mapping[str, Any]) -> str:
+    return (message.get("content") or "") + "".join(
+        f"<tool_call>{json.dumps({'name': c.name, 'arguments': tool_chat.json_or_text(c.arguments)}, ensure_ascii=False)}</tool_call>"
+        for c in agent.tool_calls(message)
+    )
 
 
 def parse_action(text: str) -> dict[str, Any]:
-    """An assistant message from generated text: ``<tool_call>`` blocks become tool calls (an
-    unreadable block stays a call with its raw text as arguments, for the checks to flag)."""
-    calls = []
-    for k, block in enumerate(_TOOL_CALL.findall(text)):
-        try:
-            parsed = json.loads(block)
-        except json.JSONDecodeError:
-            parsed = None
-        if isinstance(parsed, dict) and isinstance(parsed.get("name"), str):
-            arguments = parsed.get("arguments", {})
-            arguments = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False, sort_keys=True)
-            calls.append({"id": f"alt_{k}", "type": "function", "function": {"name": parsed["name"], "arguments": arguments}})
-    content = _TOOL_CALL.sub("", text).strip()
-    message: dict[str, Any] = {"role": "assistant", "content": content}
+    """An assistant message from generated text (``tool_chat.parse_action``, ids ``alt_<k>``); a block
+    that is not a readable call is dropped here: an alternative is judged on what it would call."""
+    message = tool_chat.parse_action(text, "alt")
+    calls = [c for c in message.get("tool_calls", []) if c["function"]["name"] != tool_chat.INVALID_CALL]
+    message.pop("tool_calls", None)
     if calls:
         message["tool_calls"] = calls
     return message
@@ -328,7 +291,7 @@ def run(
 
 def _same_action(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     def signature(message: Mapping[str, Any]):
-        calls = [(c.name, json.dumps(_json_or_text(c.arguments), sort_keys=True)) for c in agent.tool_calls(message)]
+        calls = [(c.name, json.dumps(tool_chat.json_or_text(c.arguments), sort_keys=True)) for c in agent.tool_calls(message)]
         return calls or agent.normalize_answer(message.get("content") or "")
 
     return signature(a) == signature(b)

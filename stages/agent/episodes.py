@@ -147,6 +147,7 @@ class EpisodeRunner:
         code_tool = getattr(env, "code_tool", None) if self.config.code_blocks else None
         stop = (_OUTPUT_FENCE,) if code_tool else ()
         restore = [call for text in prefix.texts for call in agent.tool_calls(agent.action_of(text))]
+        seed = continuation_seed(sampling.seed, prefix.leaf)
         session = None
         steps: list[tuple[dict, ...]] = []
         step_tokens: list[int] = []
@@ -163,7 +164,7 @@ class EpisodeRunner:
                     return Episode(tuple(steps), tuple(step_tokens), None, "token_budget", tuple(keys), cached)
                 request = GenerationRequest(
                     conversation=tool_chat.encode(conversation), tools=tools, temperature=sampling.temperature,
-                    top_p=sampling.top_p, max_tokens=min(sampling.max_tokens, left), seed=sampling.seed, stop=stop,
+                    top_p=sampling.top_p, max_tokens=min(sampling.max_tokens, left), seed=seed, stop=stop,
                 )
                 [result] = await self.client.generate_each(request, start=index)
                 if isinstance(result, BaseException):
@@ -204,6 +205,14 @@ class EpisodeRunner:
                 return function(*args)
 
         return await asyncio.to_thread(bounded)
+
+
+def continuation_seed(seed: int, leaf: str | None) -> int:
+    """The request seed of an episode's turns: the sampling's own from the task, one drawn from the
+    prefix's leaf when continuing. A continuation's first request is otherwise the very request the
+    episode through that step already made (same conversation, same seed), and its sample would
+    replay that episode instead of drawing a new one: counted twice as evidence for the step."""
+    return seed if leaf is None else int(content_hash("continue", seed, leaf)[:8], 16) & 0x7FFFFFFF
 
 
 def read_action(text: str, call_prefix: str, code_tool: str | None) -> dict[str, Any]:

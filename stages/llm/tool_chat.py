@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 TOOL_INSTRUCTIONS = (
     "\n\nYou can call these tools:\n{tools}\n\nTo call a tool, write <tool_call>{{\"name\": <tool name>, "
     "\"arguments\": <JSON object>}}</tool_call>. When you know the final answer, write it inside <answer></answer>."
 )
+INVALID_CALL = "invalid_tool_call"
+"""The name a ``<tool_call>`` block that is not a readable call gets (``parse_action``)."""
 _TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
 
@@ -57,10 +59,17 @@ def template_messages(conversation: Sequence[Mapping[str, Any]]) -> list[dict[st
     return out
 
 
-def plain_turns(conversation: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
+def plain_turns(
+    conversation: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]],
+    call_text: Callable[[Mapping[str, Any]], str] | None = None,
+) -> list[dict[str, str]]:
     """The conversation as plain chat turns any template renders: tools described in the system turn,
-    calls written inline as ``<tool_call>`` blocks, tool results folded into user turns
-    (``<tool_response>``), consecutive turns of one role merged."""
+    an assistant turn as ``call_text(message)`` (default: its text, then its calls as ``<tool_call>``
+    blocks, ``hermes_text``), tool results folded into user turns (``<tool_response>``), consecutive
+    turns of one role merged."""
+    if call_text is None:
+        def call_text(message):
+            return hermes_text(message.get("content") or "", message.get("tool_calls") or [])
     declared = [t.get("function", t) for t in tools if isinstance(t, Mapping)]
     turns: list[list[str]] = []
 
@@ -77,7 +86,7 @@ def plain_turns(conversation: Sequence[Mapping[str, Any]], tools: Sequence[Mappi
         if role == "system":
             continue
         if role == "assistant":
-            add("assistant", hermes_text(message.get("content") or "", message.get("tool_calls") or []) or "(no action)")
+            add("assistant", call_text(message).strip() or "(no action)")
         elif role == "tool":
             add("user", f"<tool_response>\n{message.get('content') or ''}\n</tool_response>")
         else:
@@ -115,12 +124,12 @@ def parse_action(text: str, call_prefix: str = "call") -> dict[str, Any]:
             parsed = json.loads(block)
         except json.JSONDecodeError:
             parsed = None
-        if isinstance(parsed, dict) and isinstance(parsed.get("name"), str) and parsed["name"].strip():
-            arguments = parsed.get("arguments", parsed.get("parameters", {}))
+        if isinstance(parsed, dict) and isinstance(parsed.get("name"), str):
+            arguments = parsed.get("arguments", {})
             arguments = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False, sort_keys=True)
             name = parsed["name"]
         else:
-            name, arguments = "invalid_tool_call", block
+            name, arguments = INVALID_CALL, block
         calls.append({"id": f"{call_prefix}_{k}", "type": "function", "function": {"name": name, "arguments": arguments}})
     content = _TOOL_CALL.sub("", text).strip()
     message: dict[str, Any] = {"role": "assistant", "content": content}
