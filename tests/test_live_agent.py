@@ -128,6 +128,8 @@ def hostile_config(tmp: Path, base_url: str) -> RunConfig:
         # The same sampling as the episodes: a continuation must still draw new turns, not replay them.
         "labeller": "mc", "mc_label": {"completions_per_step": 1, "sampling": {"max_tokens": 64, "temperature": 0.7}},
         "verify": {"sources": ["tool"]},
+        # Wrong first steps get executed alternatives: sampled apart from the episodes' own first turns.
+        "agent_pairs": {"enabled": True, "alternatives": 1, "continuations": 1, "max_tokens": 64, "temperature": 0.7},
     })
 
 
@@ -169,6 +171,12 @@ def test_hostile_tool_calls_are_contained_and_recorded_and_the_run_goes_on(tmp_p
     tool_verdicts = {e["node_id"]: e["verdict"] for e in rows["evaluations"] if e["source"] == "tool"}
     for rollout in policy:
         assert tool_verdicts[rollout["node_ids"][0]] == -1, problems[rollout["problem_id"]]
+    # The labels of the hostile steps are -1 (the tool veto), so agent curation tried alternatives;
+    # the hostile policy repeats itself, so each is the wrong action again: no pair, a reason each.
+    labels = {r["node_id"]: r["label"] for r in rows["labels"]}
+    wrong_first = {r["node_ids"][0] for r in policy if labels.get(r["node_ids"][0]) == -1}
+    assert wrong_first and not rows["pairs"]
+    assert {r["item"] for r in rows["rejects"] if r["reason"] == "no_better_action"} == wrong_first
 
 
 # -- an episode through a real OpenAI-compatible server ------------------------------------------
@@ -209,3 +217,23 @@ def test_a_continuation_never_replays_the_episode_it_continues():
     assert continuation_seed(0, "a" * 20) != 0
     assert continuation_seed(0, "a" * 20) != continuation_seed(0, "b" * 20)
     assert continuation_seed(0, "a" * 20) == continuation_seed(0, "a" * 20)
+    # Alternatives to a wrong first step are new samples too, not the policy's own first actions.
+    assert continuation_seed(0, None, "alternative") != 0
+    assert continuation_seed(0, "a" * 20, "alternative") != continuation_seed(0, "a" * 20)
+
+
+def test_llamacpp_renders_tools_with_a_template_that_knows_them_and_as_plain_turns_otherwise():
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from stepforge.stages.llm.llamacpp import render_conversation
+
+    chatml = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% for c in m.tool_calls or [] %}"
+              "[{{ c.function.name }} {{ c.function.arguments.code }}]{% endfor %}\n{% endfor %}<|assistant|>")
+    with_tools = "{% if tools %}TOOLS {{ tools | map(attribute='function.name') | join(',') }}\n{% endif %}" + chatml
+    tools = environment("python").tools()
+    request = GenerationRequest(conversation=tool_chat.encode(CONVERSATION), tools=tool_chat.encode(tools))
+    native = render_conversation(Jinja2ChatFormatter(template=with_tools, eos_token="", bos_token=""), True, request)
+    # The template got the tools and each call's arguments as an object (it reads .code from them).
+    assert native.startswith("TOOLS python\n") and "[python print(6*7)]" in native and "<|tool|>42" in native
+    plain = render_conversation(Jinja2ChatFormatter(template=chatml, eos_token="", bos_token=""), False, request)
+    assert "You can call these tools" in plain and "<|user|><tool_response>\n42" in plain and "<|tool|>" not in plain

@@ -450,3 +450,27 @@ def test_real_vllm_engine():
         if generation.token_bytes is not None:
             assert sum(generation.token_bytes) >= len(generation.text.encode())
     assert alone[0].text == together[1].text
+
+
+def test_render_passes_a_tool_conversation_and_its_tools_to_the_template():
+    """An HF template gets the tools and each call's arguments as the object it applies ``tojson`` to."""
+    from stepforge.stages.llm import tool_chat
+
+    seen = {}
+
+    class ToolTemplate(ByteTokenizer):
+        def apply_chat_template(self, messages, tools=None, tokenize=False, add_generation_prompt=False):
+            seen.update(messages=messages, tools=tools)
+            return super().apply_chat_template(messages, tokenize=tokenize, add_generation_prompt=add_generation_prompt)
+
+    tools = [{"type": "function", "function": {"name": "python", "parameters": {"type": "object"}}}]
+    conversation = [
+        {"role": "user", "content": "6*7?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": "python", "arguments": '{"code": "print(6*7)"}'}}]},
+        {"role": "tool", "tool_call_id": "c", "name": "python", "content": "42"},
+    ]
+    request = GenerationRequest(conversation=tool_chat.encode(conversation), tools=tool_chat.encode(tools))
+    rendered = render_prompt(ToolTemplate(), request)
+    assert rendered.endswith("<|tool|>42\n<|assistant|>") and seen["tools"] == tools
+    assert seen["messages"][1]["tool_calls"][0]["function"]["arguments"] == {"code": "print(6*7)"}

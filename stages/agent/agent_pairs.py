@@ -139,7 +139,8 @@ def run(
         sampling = SamplingConfig(temperature=config.temperature, top_p=config.top_p, max_tokens=config.max_tokens,
                                   seed=config.seed)
         acts = await asyncio.gather(
-            *(runner.run(problem, prefix, index, sampling, used, max_turns=1) for index in range(config.alternatives))
+            *(runner.run(problem, prefix, index, sampling, used, max_turns=1, purpose="alternative")
+              for index in range(config.alternatives))
         )
         rejected_action = agent.action_of(node["text"])
         builder = EpisodeBuilder(checker, policy.model_id, frozenset(tree.nodes))

@@ -99,7 +99,6 @@ class Episode:
     finish_reason: str
     keys: tuple[str, ...]
     """The generation key of every turn, in order."""
-    cached: bool
 
     @property
     def num_tokens(self) -> int:
@@ -135,11 +134,12 @@ class EpisodeRunner:
 
     async def run(
         self, problem: Problem, prefix: PathPrefix, index: int, sampling: SamplingConfig, prefix_tokens: int = 0,
-        max_turns: int | None = None,
+        max_turns: int | None = None, purpose: str = "continue",
     ) -> Episode | GenerationError:
         """Sample ``index`` of an episode after ``prefix`` (empty: from the task), ``max_turns``
         turns at most (None: to its end; 1: one action and what it observed, still ``stop``). A
-        failed generation ends it as a ``GenerationError`` (a reject for the caller)."""
+        failed generation ends it as a ``GenerationError`` (a reject for the caller). ``purpose``
+        keeps the samples of different uses of one prefix apart (``continuation_seed``)."""
         info = agent.agent_meta(problem.meta) or {}
         env = self._environment(info["environment"])
         conversation = agent.context_messages(info, prefix.texts)
@@ -147,30 +147,30 @@ class EpisodeRunner:
         code_tool = getattr(env, "code_tool", None) if self.config.code_blocks else None
         stop = (_OUTPUT_FENCE,) if code_tool else ()
         restore = [call for text in prefix.texts for call in agent.tool_calls(agent.action_of(text))]
-        seed = continuation_seed(sampling.seed, prefix.leaf)
+        seed = continuation_seed(sampling.seed, prefix.leaf, purpose)
         session = None
         steps: list[tuple[dict, ...]] = []
         step_tokens: list[int] = []
         keys: list[str] = []
-        cached = True
         used = prefix_tokens
         depth = len(prefix.texts)
         try:
             while True:
                 if depth >= self.config.max_steps:
-                    return Episode(tuple(steps), tuple(step_tokens), None, "step_limit", tuple(keys), cached)
+                    return Episode(tuple(steps), tuple(step_tokens), None, "step_limit", tuple(keys))
                 left = self.config.max_tokens - used
                 if left <= 0:
-                    return Episode(tuple(steps), tuple(step_tokens), None, "token_budget", tuple(keys), cached)
+                    return Episode(tuple(steps), tuple(step_tokens), None, "token_budget", tuple(keys))
                 request = GenerationRequest(
                     conversation=tool_chat.encode(conversation), tools=tools, temperature=sampling.temperature,
                     top_p=sampling.top_p, max_tokens=min(sampling.max_tokens, left), seed=seed, stop=stop,
                 )
                 [result] = await self.client.generate_each(request, start=index)
+                if isinstance(result, GenerationError):
+                    return result
                 if isinstance(result, BaseException):
-                    return result if isinstance(result, GenerationError) else GenerationError(str(result))
+                    raise result  # anything but a failed generation is a bug
                 keys.append(result.key)
-                cached = cached and result.cached
                 used += result.num_tokens
                 depth += 1
                 action = read_action(result.text, f"call_{depth}", code_tool)
@@ -190,9 +190,9 @@ class EpisodeRunner:
                 if not calls:
                     answer = agent.final_answer(messages[0])
                     finish = "length" if answer is None and result.finish_reason == "length" else "stop"
-                    return Episode(tuple(steps), tuple(step_tokens), answer, finish, tuple(keys), cached)
+                    return Episode(tuple(steps), tuple(step_tokens), answer, finish, tuple(keys))
                 if max_turns is not None and len(steps) >= max_turns:
-                    return Episode(tuple(steps), tuple(step_tokens), None, "stop", tuple(keys), cached)
+                    return Episode(tuple(steps), tuple(step_tokens), None, "stop", tuple(keys))
         finally:
             if session is not None:
                 await asyncio.to_thread(session.close)
@@ -207,12 +207,16 @@ class EpisodeRunner:
         return await asyncio.to_thread(bounded)
 
 
-def continuation_seed(seed: int, leaf: str | None) -> int:
-    """The request seed of an episode's turns: the sampling's own from the task, one drawn from the
-    prefix's leaf when continuing. A continuation's first request is otherwise the very request the
-    episode through that step already made (same conversation, same seed), and its sample would
-    replay that episode instead of drawing a new one: counted twice as evidence for the step."""
-    return seed if leaf is None else int(content_hash("continue", seed, leaf)[:8], 16) & 0x7FFFFFFF
+def continuation_seed(seed: int, leaf: str | None, purpose: str = "continue") -> int:
+    """The request seed of an episode's turns: the sampling's own for an episode from the task, else
+    one drawn from the purpose and the prefix's leaf. A continuation's first request is otherwise
+    the very request the episode through that step already made (same conversation, same seed),
+    and its sample would replay that episode instead of drawing a new one: counted twice as
+    evidence for the step. Alternatives to a wrong step (``purpose="alternative"``) are drawn apart
+    even at the task's root, where they would otherwise replay the policy's own first actions."""
+    if leaf is None and purpose == "continue":
+        return seed
+    return int(content_hash(purpose, seed, leaf)[:8], 16) & 0x7FFFFFFF
 
 
 def read_action(text: str, call_prefix: str, code_tool: str | None) -> dict[str, Any]:
