@@ -237,3 +237,15 @@ def test_llamacpp_renders_tools_with_a_template_that_knows_them_and_as_plain_tur
     assert native.startswith("TOOLS python\n") and "[python print(6*7)]" in native and "<|tool|>42" in native
     plain = render_conversation(Jinja2ChatFormatter(template=chatml, eos_token="", bos_token=""), False, request)
     assert "You can call these tools" in plain and "<|user|><tool_response>\n42" in plain and "<|tool|>" not in plain
+
+
+def test_prompt_tools_mode_sends_plain_turns_and_keys_another_model():
+    """For a server that refuses ``tools`` (vLLM without a tool parser): no tools field, the tools in words."""
+    from stepforge.stages.llm.openai_http import http_model_id
+
+    request = GenerationRequest(conversation=tool_chat.encode(CONVERSATION), tools=tool_chat.encode(environment("python").tools()))
+    path, body = request_body(request, 7, "m", HttpConfig(server="vllm", tools="prompt"), None)
+    assert path == "/chat/completions" and "tools" not in body
+    assert body["messages"] == tool_chat.plain_turns(CONVERSATION, json.loads(request.tools))
+    assert "You can call these tools" in body["messages"][0]["content"]
+    assert http_model_id("m", HttpConfig(tools="prompt")) != http_model_id("m", HttpConfig())

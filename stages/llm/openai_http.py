@@ -129,6 +129,14 @@ class HttpConfig(BaseModel):
     extra_body: dict[str, Any] = Field(
         default_factory=dict, description="Extra JSON fields sent with every request (server-specific sampler options)."
     )
+    tools: Literal["native", "prompt"] = Field(
+        default="native",
+        description="How a tool-using conversation (live agents) is sent. native: messages with tool_calls and tool "
+        "turns plus `tools`, rendered by the server's chat template (vLLM refuses requests with tools unless it "
+        "runs with --enable-auto-tool-choice --tool-call-parser hermes). prompt: no `tools` field; the "
+        "conversation as plain chat turns with the tools described in the system turn, which any chat server "
+        "takes; it enters the model id (another rendering samples other turns).",
+    )
     model_revision: str = Field(
         default="",
         description="Anything that distinguishes these weights from others served under the same name (a commit, a "
@@ -145,7 +153,8 @@ class HttpConfig(BaseModel):
 
 def http_model_id(model: str, http: HttpConfig) -> str:
     """Keys caches and shards: the served model, never the URL (a proxy or new port is the same model)."""
-    return f"{http.server}:{model}" + (f"@{http.model_revision}" if http.model_revision else "")
+    return (f"{http.server}:{model}" + (f"@{http.model_revision}" if http.model_revision else "")
+            + ("+prompt-tools" if http.tools == "prompt" else ""))
 
 
 def read_api_key(http: HttpConfig) -> str | None:
@@ -366,9 +375,13 @@ def request_body(
         # A tool-using chat goes to the chat endpoint as it is: the server renders the tools.
         if request.assistant_prefix:
             raise GenerationError("a tool-using conversation cannot continue a partial assistant turn over HTTP")
-        body = {"messages": json.loads(request.conversation), **sampling}
-        if request.tools:
-            body["tools"] = json.loads(request.tools)
+        conversation = json.loads(request.conversation)
+        tools = json.loads(request.tools) if request.tools else []
+        if http.tools == "prompt":
+            return "/chat/completions", {"messages": tool_chat.plain_turns(conversation, tools), **sampling}
+        body = {"messages": conversation, **sampling}
+        if tools:
+            body["tools"] = tools
         return "/chat/completions", body
     messages = None if request.messages is None else [{"role": r, "content": c} for r, c in request.messages]
     use_completions = request.prompt is not None or (continuation == "completions" and tokenizer is not None)
