@@ -21,6 +21,9 @@ ATTACKS = {
     "huge_output": "print('A' * 10_000_000)",
     "memory_bomb": "x = bytearray(8 * 1024 ** 3)\nprint(len(x))",
     "bad_arguments": None,  # arguments that are not JSON: the environment must refuse, not crash
+    # A failing call that differs with the request's seed: the two episodes take different wrong
+    # first steps under one prefix, and their alternatives are real, distinct, executed samples.
+    "varied_error": "raise ValueError('variant {variant}')",
 }
 _TASK = re.compile(r"ATTACK: (\w+)")
 
@@ -29,8 +32,8 @@ def app(repository_file: str, escape_path: str):
     from fastapi import FastAPI, Request
 
     api = FastAPI()
-    codes = {name: code.format(repository=repository_file, escape=escape_path) if code else None
-             for name, code in ATTACKS.items()}
+    codes = {name: code.replace("{repository!r}", repr(repository_file)).replace("{escape!r}", repr(escape_path))
+             if code else None for name, code in ATTACKS.items()}
 
     @api.post("/v1/chat/completions")
     async def complete(request: Request) -> dict:
@@ -41,7 +44,7 @@ def app(repository_file: str, escape_path: str):
         if messages[-1]["role"] == "tool":
             message, finish = {"role": "assistant", "content": "Done.\n<answer>1</answer>"}, "stop"
         else:
-            code = codes[attack]
+            code = codes[attack] and codes[attack].replace("{variant}", str(body["seed"] % 7))
             arguments = "{code: not json" if code is None else json.dumps({"code": code})
             message = {"role": "assistant", "content": f"Running {attack}.",
                        "tool_calls": [{"id": "call_0", "type": "function",

@@ -111,7 +111,7 @@ def test_ingest_poses_math_problems_as_tasks_of_the_environment():
 
 
 # -- a hostile policy in real episodes -------------------------------------------------------------
-def hostile_config(tmp: Path, base_url: str) -> RunConfig:
+def hostile_config(tmp: Path, base_url: str, pairs_per_problem: int = 1) -> RunConfig:
     source = tmp / "attacks.jsonl"
     source.write_text("".join(json.dumps({"question": f"ATTACK: {name}. What is 0 + 1?", "answer": "#### 1"}) + "\n"
                               for name in ATTACKS))
@@ -128,19 +128,25 @@ def hostile_config(tmp: Path, base_url: str) -> RunConfig:
         # The same sampling as the episodes: a continuation must still draw new turns, not replay them.
         "labeller": "mc", "mc_label": {"completions_per_step": 1, "sampling": {"max_tokens": 64, "temperature": 0.7}},
         "verify": {"sources": ["tool"]},
+        "consensus": {"policy": "tool"},  # a failed cell is a wrong step, whatever the answer after it
         # Wrong first steps get executed alternatives: sampled apart from the episodes' own first turns.
-        "agent_pairs": {"enabled": True, "alternatives": 1, "continuations": 1, "max_tokens": 64, "temperature": 0.7},
+        "agent_pairs": {"enabled": True, "alternatives": 1, "continuations": 1, "max_tokens": 64, "temperature": 0.7,
+                        "max_pairs_per_problem": pairs_per_problem},
     })
 
 
-def test_hostile_tool_calls_are_contained_and_recorded_and_the_run_goes_on(tmp_path):
+@pytest.mark.parametrize("pairs_per_problem", [1, 2])
+def test_hostile_tool_calls_are_contained_and_recorded_and_the_run_goes_on(tmp_path, pairs_per_problem):
     escape = tmp_path / "escaped.txt"
     secret = REPOSITORY / "pyproject.toml"
     with serving(hostile_app(str(secret), str(escape))) as url:
-        ctx = runtime.RunContext(hostile_config(tmp_path, url))
+        ctx = runtime.RunContext(hostile_config(tmp_path, url, pairs_per_problem))
         runtime.run_shards(ctx, runtime.ingest_shards(ctx)[0])
-    # Every turn was a new request: continuations after step 1 did not replay the episodes' turn 2.
-    assert ctx.client().stats.cache_hits == 0 and ctx.client().stats.generated > 0
+    if pairs_per_problem == 1:
+        # Every turn was a new request: continuations after step 1 did not replay the episodes' turn 2,
+        # nor alternatives the episodes' first turns. (With 2, the varied task's two wrong steps share
+        # a prefix and so their alternatives: the same requests, legitimately.)
+        assert ctx.client().stats.cache_hits == 0 and ctx.client().stats.generated > 0
     rows = {t: [json.loads(r) for r in rs] for t, rs in table_rows(tmp_path / "store").items()}
     problems = {p["problem_id"]: p["question"].split(".")[0].removeprefix("ATTACK: ") for p in rows["problems"]}
     assert sorted(problems.values()) == sorted(ATTACKS)
@@ -154,6 +160,9 @@ def test_hostile_tool_calls_are_contained_and_recorded_and_the_run_goes_on(tmp_p
         first = agent.step_messages(nodes[rollout["node_ids"][0]]["text"])
         assert [m["role"] for m in first] == ["assistant", "tool"]
         observed[problems[rollout["problem_id"]]] = first[1]["content"]
+    for table, lines in table_rows(tmp_path / "store").items():
+        assert len(set(lines)) == len(lines), f"duplicated rows in {table}"
+    assert "ValueError: variant" in observed["varied_error"]
     for attack in ("network", "urllib", "fork_bomb", "read_passwd", "read_repository", "write_outside"):
         assert "Error: Blocked by the sandbox" in observed[attack], (attack, observed[attack])
     assert "root:" not in observed["read_passwd"] and "[project]" not in observed["read_repository"]
@@ -171,12 +180,19 @@ def test_hostile_tool_calls_are_contained_and_recorded_and_the_run_goes_on(tmp_p
     tool_verdicts = {e["node_id"]: e["verdict"] for e in rows["evaluations"] if e["source"] == "tool"}
     for rollout in policy:
         assert tool_verdicts[rollout["node_ids"][0]] == -1, problems[rollout["problem_id"]]
-    # The labels of the hostile steps are -1 (the tool veto), so agent curation tried alternatives;
-    # the hostile policy repeats itself, so each is the wrong action again: no pair, a reason each.
+    # The hostile steps are labelled -1, so agent curation tried alternatives at each. Where the
+    # policy repeats itself, each alternative is the wrong action again: no pair, a reason each.
     labels = {r["node_id"]: r["label"] for r in rows["labels"]}
-    wrong_first = {r["node_ids"][0] for r in policy if labels.get(r["node_ids"][0]) == -1}
-    assert wrong_first and not rows["pairs"]
+    varied = {pid for pid, name in problems.items() if name == "varied_error"}
+    wrong_first = {r["node_ids"][0] for r in policy if labels.get(r["node_ids"][0]) == -1 and r["problem_id"] not in varied}
+    assert len(wrong_first) == len(ATTACKS) - 1
     assert {r["item"] for r in rows["rejects"] if r["reason"] == "no_better_action"} == wrong_first
+    assert {p["problem_id"] for p in rows["pairs"]} <= varied
+    # Where the policy varies, the alternatives were new actions, executed, each stored once with its value.
+    alternatives = [n for n in rows["nodes"] if n["origin"] == "alternative" and n["problem_id"] in varied]
+    assert alternatives and all(agent.step_messages(n["text"])[1]["role"] == "tool" for n in alternatives)
+    valued = {e["node_id"] for e in rows["evaluations"] if e["source"] == "mc" and '"executed": true' in e["meta"]}
+    assert {n["node_id"] for n in alternatives} <= valued
 
 
 # -- an episode through a real OpenAI-compatible server ------------------------------------------

@@ -124,9 +124,27 @@ def run(
     async def pairs_for(problem: Problem) -> list[Record]:
         info = agent.agent_meta(problem.meta) or {}
         steps = wrong.get(problem.problem_id, [])[: config.max_pairs_per_problem]
-        pair_at = _executed_pair_at if runner is not None and live_environment(problem) else _pair_at
-        parts = await asyncio.gather(*(pair_at(problem, info, nid) for nid in steps))
+        if runner is not None and live_environment(problem):
+            parts = await asyncio.gather(*(_executed_pair_at(problem, info, nid) for nid in steps))
+            return _once([r for part in parts for r in part])
+        parts = await asyncio.gather(*(_pair_at(problem, info, nid) for nid in steps))
         return [r for part in parts for r in part]
+
+    def _once(records: list[Record]) -> list[Record]:
+        """Each node, rollout and evaluation once, and no node the tree already holds: two wrong
+        steps under one prefix draw the same alternatives (same context, same seeds), with the same
+        observations and continuations; an alternative may also be a step some episode took."""
+        seen: set[tuple[str, str]] = {("nodes", nid) for nid in tree.nodes}
+        kept = []
+        for record in records:
+            ident = {"nodes": "node_id", "rollouts": "rollout_id", "evaluations": "evaluation_id"}.get(record.TABLE)
+            if ident is not None:
+                key = (record.TABLE, getattr(record, ident))
+                if key in seen:
+                    continue
+                seen.add(key)
+            kept.append(record)
+        return kept
 
     async def _executed_pair_at(problem: Problem, info: Mapping[str, Any], nid: str) -> list[Record]:
         """A wrong step of a live episode against actions sampled in its place and *executed*: each
