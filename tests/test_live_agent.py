@@ -265,3 +265,26 @@ def test_prompt_tools_mode_sends_plain_turns_and_keys_another_model():
     assert body["messages"] == tool_chat.plain_turns(CONVERSATION, json.loads(request.tools))
     assert "You can call these tools" in body["messages"][0]["content"]
     assert http_model_id("m", HttpConfig(tools="prompt")) != http_model_id("m", HttpConfig())
+
+
+def test_mcts_continues_live_episodes_below_their_prefixes(tmp_path):
+    """MCTS draws through the same episode sampler: its completions are episodes continued from a
+    selected step (the prefix's calls re-executed first), and every step it reached has a Q value."""
+    escape = tmp_path / "escaped.txt"
+    with serving(hostile_app(str(REPOSITORY / "pyproject.toml"), str(escape))) as url:
+        config = RunConfig.model_validate({**hostile_config(tmp_path, url).model_dump(mode="json"), "labeller": "mcts",
+                                           "mcts": {"iterations": 3, "breadth": 1, "sampling": {"max_tokens": 64}},
+                                           "agent_pairs": {"enabled": False}})
+        ctx = runtime.RunContext(config)
+        runtime.run_shards(ctx, runtime.ingest_shards(ctx)[0])
+    rows = {t: [json.loads(r) for r in rs] for t, rs in table_rows(tmp_path / "store").items()}
+    nodes = {n["node_id"]: n for n in rows["nodes"]}
+    expansions = [r for r in rows["rollouts"] if r["origin"] == "mcts"]
+    assert expansions and not [r for r in rows["rejects"] if r["stage"] == "mcts"]
+    for rollout in expansions:
+        if rollout["prefix_node_id"] is not None:
+            depth = nodes[rollout["prefix_node_id"]]["depth"]
+            assert rollout["node_ids"][depth - 1] == rollout["prefix_node_id"] and len(rollout["node_ids"]) > depth
+        assert rollout["final_answer"] == "1"
+    valued = {e["node_id"] for e in rows["evaluations"] if e["source"] == "mcts"}
+    assert {r["node_ids"][0] for r in rows["rollouts"] if r["origin"] == "policy"} <= valued
