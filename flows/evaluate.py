@@ -22,6 +22,7 @@ from stepforge.schemas.ids import content_hash
 from stepforge.stages.consensus import policy as consensus
 from stepforge.stages.verify import evaluate
 from stepforge.stages.consensus.policy import ConsensusConfig
+from stepforge.stages.base import key_settings
 
 EVAL_STAGE = "eval"
 VERIFICATION = "verification"  # the slot whose shard keys name the evidence an eval shard scored
@@ -72,7 +73,7 @@ def score_task(config: dict, chains: list[dict[str, dict]], spec: str, benchmark
     loaded = [{slot: runtime.ShardManifest(**m) for slot, m in chain.items()} for chain in chains]
     method = method_config(spec)
     key = content_hash(
-        EVAL_STAGE, benchmark, consensus.key_settings(method), neutral_as, consensus.VERSION,
+        EVAL_STAGE, benchmark, key_settings(method), neutral_as, consensus.VERSION,
         sorted(chain[VERIFICATION].shard for chain in loaded),
     )
     done = ctx.store.manifest(ctx.run, EVAL_STAGE, key)

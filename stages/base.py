@@ -115,6 +115,17 @@ class Stage:
         return tuple(dict.fromkeys(slots))
 
 
+def key_settings(config) -> dict:
+    """A stage's config section as it enters a key: all of it, except a setting added later while it
+    holds the value that reproduces what earlier stores hold (the config class's ``LEGACY``), so
+    those stores keep their keys (labellers, consensus, evaluations)."""
+    settings = config.model_dump()
+    for name, legacy in getattr(config, "LEGACY", {}).items():
+        if settings.get(name) == legacy:
+            del settings[name]
+    return settings
+
+
 def records_of(stage: Stage, records: Iterable[Record]) -> Iterator[Record]:
     """The records as they go to the store, refusing a table the stage did not declare (a stage's
     declaration is what the catalog, backfills and the docs trust)."""

@@ -12,7 +12,8 @@ from pydantic import ValidationError
 
 from stepforge.schemas.records import Label, Reject
 from stepforge.stages.consensus import policy as consensus
-from stepforge.stages.consensus.policy import ConsensusConfig, key_settings
+from stepforge.stages.base import key_settings
+from stepforge.stages.consensus.policy import ConsensusConfig
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "agentprocessbench_hotpotqa_dev10.jsonl"
 RECOVER = {"propagate_errors": True, "propagation": "until_recovered"}

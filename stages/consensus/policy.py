@@ -59,7 +59,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from stepforge.schemas.records import Label, Reject
-from stepforge.stages.base import Stage
+from stepforge.stages.base import Stage, key_settings
 from stepforge.stages.tree import EVIDENCE_SLOTS, TREE_SLOTS, StepTree
 
 STAGE = "consensus"
@@ -136,17 +136,6 @@ class ConsensusConfig(BaseModel):
         rules = [name for name, on in (("tool_veto", self.tool_veto), (PROPAGATION_RULES[self.propagation],
                                        self.propagate_errors), ("human", self.human_override)) if on]
         return "+".join([f"{self.policy}@{POLICY_VERSIONS[self.policy]}", *rules])
-
-
-def key_settings(config: ConsensusConfig) -> dict:
-    """The settings as they enter a key (the stage's, an evaluation's): all of them, except a setting
-    added later while it holds the value earlier stores were made with (``ConsensusConfig.LEGACY``),
-    so those keep their keys. The same rule as ``stages.label.labeller.key_settings``."""
-    settings = config.model_dump()
-    for name, legacy in config.LEGACY.items():
-        if settings.get(name) == legacy:
-            del settings[name]
-    return settings
 
 
 @dataclass(frozen=True)

@@ -15,22 +15,12 @@ from collections.abc import Callable, Iterable, Iterator
 from stepforge.schemas.records import Record
 from stepforge.stages.agent.episodes import key_of as episodes_key
 from stepforge.stages.agent.episodes import runner_for
-from stepforge.stages.base import Stage
+from stepforge.stages.base import Stage, key_settings
 from stepforge.stages.tree import TREE_SLOTS
 
 SLOT = "step_values"
 TABLES = ("evaluations", "rollouts", "nodes", "rejects")
 TREE = TREE_SLOTS[:2]  # a labeller reads the trajectories before its own completions: imported and sampled
-
-
-def key_settings(config) -> dict:
-    """A labeller's settings as they enter its key: all of them, except a setting added later while
-    it holds the value that reproduces what earlier stores hold (the config class's ``LEGACY``)."""
-    settings = config.model_dump()
-    for name, legacy in getattr(config, "LEGACY", {}).items():
-        if settings.get(name) == legacy:
-            del settings[name]
-    return settings
 
 
 def labeller_stage(
